@@ -1,0 +1,3 @@
+//! `txgate bench`: the per-core claim latency benchmark.
+
+pub mod report;

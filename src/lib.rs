@@ -1,0 +1,6 @@
+//! txgate: a thread-per-core TxID dedup engine.
+
+pub mod bench;
+pub mod clock;
+pub mod route;
+pub mod tier1;

@@ -1,0 +1,477 @@
+//! Tier-1: a shard's bounded, TTL'd set of recently seen TxIDs.
+//!
+//! Every claim looks here first, so a duplicate costs one hash and (usually)
+//! one cache line. Dedup entries share one TTL, so expiry order is insertion
+//! order: the set is a FIFO ring of slots plus an open-addressed table that
+//! stores the keys inline.
+//!
+//! - **Table**: linear probing, load at most 3/4, size `ceil(capacity * 4/3)`
+//!   (any size: the home bucket is `(hash32 * buckets) >> 32`, no power-of-two
+//!   rounding). A bucket is `key ‖ born_ms (u32) ‖ ring slot (u32)`; deletion
+//!   shifts later entries back, so there are no tombstones.
+//! - **Ring**: `ring[slot]` is the bucket of the slot's entry, in insertion
+//!   order. When full, the oldest entry is evicted (FIFO, counted); expired
+//!   entries are removed from the head on every insert and by [`Tier1::sweep`].
+//! - **Truth**: full keys are compared, so a TxID is reported seen only if that
+//!   exact TxID was inserted and has not expired. The set may forget (eviction),
+//!   it never lies.
+//!
+//! Memory: `(key_len + 8) * 4/3 + 4` bytes per entry of capacity: 36 bytes for
+//! 16-byte TxIDs, allocated once at start-up (`tier1_bytes_per_entry` test and
+//! the `tier1` bench measure it).
+
+use std::hash::BuildHasher;
+use std::time::Duration;
+
+const EMPTY: u32 = u32::MAX;
+/// Longest TTL: ages are wrapping u32 milliseconds.
+pub const TTL_MS_MAX: u64 = (1 << 31) - 1;
+/// Most entries one set can hold (ring slots are u32, one value is reserved).
+pub const CAPACITY_MAX: usize = (u32::MAX - 1) as usize / 4 * 3;
+/// Expired entries removed from the head per insert: more than the one an
+/// insert adds, so expiry keeps up without a background task.
+const SWEEP_PER_INSERT: usize = 2;
+
+/// Why a tier-1 set could not be built.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Tier1Error {
+    #[error("tier-1 capacity {0} is out of range: 1..={CAPACITY_MAX}")]
+    Capacity(usize),
+    #[error("tier-1 key length {0} is out of range: 1..=256 bytes")]
+    KeyLen(usize),
+    #[error("tier-1 TTL {0:?} is too long: at most {TTL_MS_MAX} ms")]
+    Ttl(Duration),
+}
+
+/// A bounded, TTL'd set of fixed-length keys (TxIDs). `!Sync` by design: one
+/// per shard.
+pub struct Tier1 {
+    key_len: usize,
+    stride: usize,
+    buckets: usize,
+    table: Box<[u8]>,
+    ring: Box<[u32]>,
+    head: usize,
+    len: usize,
+    ttl_ms: u32,
+    hasher: ahash::RandomState,
+    evictions: u64,
+    expirations: u64,
+}
+
+impl Tier1 {
+    /// A set of at most `capacity` keys of exactly `key_len` bytes, each
+    /// forgotten `ttl` after insertion (zero: kept until evicted).
+    pub fn new(capacity: usize, key_len: usize, ttl: Duration) -> Result<Self, Tier1Error> {
+        if capacity == 0 || capacity > CAPACITY_MAX {
+            return Err(Tier1Error::Capacity(capacity));
+        }
+        if key_len == 0 || key_len > 256 {
+            return Err(Tier1Error::KeyLen(key_len));
+        }
+        let ttl_ms = ttl.as_millis();
+        if ttl_ms > TTL_MS_MAX as u128 {
+            return Err(Tier1Error::Ttl(ttl));
+        }
+        let buckets = capacity + capacity.div_ceil(3);
+        let stride = key_len + 8;
+        Ok(Self {
+            key_len,
+            stride,
+            buckets,
+            table: vec![0xFF; buckets * stride].into_boxed_slice(),
+            ring: vec![EMPTY; capacity].into_boxed_slice(),
+            head: 0,
+            len: 0,
+            ttl_ms: ttl_ms as u32,
+            hasher: ahash::RandomState::new(),
+            evictions: 0,
+            expirations: 0,
+        })
+    }
+
+    /// Whether `key` was inserted and has not expired (`now_ms` from
+    /// [`crate::clock::coarse_ms`], truncated). The hot path of every claim.
+    #[inline]
+    pub fn contains(&self, key: &[u8], now_ms: u32) -> bool {
+        match self.find(key) {
+            Some(pos) => self.fresh(pos, now_ms),
+            None => false,
+        }
+    }
+
+    /// Inserts `key`; returns false when it was already present and fresh.
+    /// Evicts the oldest entry when full.
+    pub fn insert(&mut self, key: &[u8], now_ms: u32) -> bool {
+        assert_eq!(key.len(), self.key_len, "tier-1 key length");
+        self.sweep(now_ms, SWEEP_PER_INSERT);
+        if let Some(pos) = self.find(key) {
+            if self.fresh(pos, now_ms) {
+                return false;
+            }
+            // Expired but not yet swept: retire it and append a fresh one.
+            self.ring[self.slot_at(pos) as usize] = EMPTY;
+            self.remove_at(pos);
+            self.expirations += 1;
+        }
+        if self.len == self.ring.len() && self.pop_head() {
+            self.evictions += 1;
+        }
+        let mut slot = self.head + self.len;
+        if slot >= self.ring.len() {
+            slot -= self.ring.len();
+        }
+        let mut pos = self.home(key);
+        while self.slot_at(pos) != EMPTY {
+            pos = self.next(pos);
+        }
+        let e = pos * self.stride;
+        self.table[e..e + self.key_len].copy_from_slice(key);
+        self.write_u32(e + self.key_len, now_ms);
+        self.write_u32(e + self.key_len + 4, slot as u32);
+        self.ring[slot] = pos as u32;
+        self.len += 1;
+        true
+    }
+
+    /// Removes up to `budget` expired entries from the oldest end; returns
+    /// how many it removed. Call it from a periodic task so entries leave
+    /// even when no inserts arrive.
+    pub fn sweep(&mut self, now_ms: u32, budget: usize) -> usize {
+        if self.ttl_ms == 0 {
+            return 0;
+        }
+        let mut removed = 0;
+        while self.len > 0 && removed < budget {
+            let pos = self.ring[self.head];
+            if pos != EMPTY && self.fresh(pos as usize, now_ms) {
+                break;
+            }
+            if self.pop_head() {
+                self.expirations += 1;
+            }
+            removed += 1;
+        }
+        removed
+    }
+
+    /// Entries held (some may be expired and not yet swept).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the set holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bound given at construction.
+    pub fn capacity(&self) -> usize {
+        self.ring.len()
+    }
+
+    /// Entries dropped because the set was full.
+    pub fn evictions(&self) -> u64 {
+        self.evictions
+    }
+
+    /// Entries dropped because their TTL had passed.
+    pub fn expirations(&self) -> u64 {
+        self.expirations
+    }
+
+    /// Heap bytes held: the table and the ring, allocated once.
+    pub fn heap_bytes(&self) -> usize {
+        self.table.len() + self.ring.len() * 4
+    }
+
+    #[inline]
+    fn home(&self, key: &[u8]) -> usize {
+        let h = self.hasher.hash_one(key) as u32;
+        ((h as u64 * self.buckets as u64) >> 32) as usize
+    }
+
+    #[inline]
+    fn next(&self, pos: usize) -> usize {
+        if pos + 1 == self.buckets { 0 } else { pos + 1 }
+    }
+
+    #[inline]
+    fn find(&self, key: &[u8]) -> Option<usize> {
+        debug_assert_eq!(key.len(), self.key_len, "tier-1 key length");
+        let mut pos = self.home(key);
+        // Load < 1 guarantees an empty bucket, so this ends well before the bound.
+        for _ in 0..self.buckets {
+            if self.slot_at(pos) == EMPTY {
+                return None;
+            }
+            let e = pos * self.stride;
+            if keys_eq(&self.table[e..e + self.key_len], key) {
+                return Some(pos);
+            }
+            pos = self.next(pos);
+        }
+        None
+    }
+
+    #[inline]
+    fn fresh(&self, pos: usize, now_ms: u32) -> bool {
+        self.ttl_ms == 0 || now_ms.wrapping_sub(self.born_at(pos)) < self.ttl_ms
+    }
+
+    #[inline]
+    fn read_u32(&self, at: usize) -> u32 {
+        u32::from_le_bytes(self.table[at..at + 4].try_into().unwrap())
+    }
+
+    #[inline]
+    fn write_u32(&mut self, at: usize, v: u32) {
+        self.table[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    }
+
+    #[inline]
+    fn born_at(&self, pos: usize) -> u32 {
+        self.read_u32(pos * self.stride + self.key_len)
+    }
+
+    #[inline]
+    fn slot_at(&self, pos: usize) -> u32 {
+        self.read_u32(pos * self.stride + self.key_len + 4)
+    }
+
+    /// Drops the oldest ring slot; true if it still held a table entry.
+    fn pop_head(&mut self) -> bool {
+        debug_assert!(self.len > 0);
+        let pos = self.ring[self.head];
+        self.ring[self.head] = EMPTY;
+        self.head = self.next_slot(self.head);
+        self.len -= 1;
+        if pos == EMPTY {
+            return false;
+        }
+        self.remove_at(pos as usize);
+        true
+    }
+
+    fn next_slot(&self, slot: usize) -> usize {
+        if slot + 1 == self.ring.len() { 0 } else { slot + 1 }
+    }
+
+    /// Empties bucket `pos`, shifting later entries of its cluster back so
+    /// every entry stays reachable from its home bucket.
+    fn remove_at(&mut self, pos: usize) {
+        let n = self.buckets;
+        let mut hole = pos;
+        let mut j = pos;
+        for _ in 0..n {
+            j = self.next(j);
+            let slot = self.slot_at(j);
+            if slot == EMPTY {
+                break;
+            }
+            let e = j * self.stride;
+            let home = self.home(&self.table[e..e + self.key_len]);
+            // The entry may fill the hole iff the hole lies on its probe path
+            // (home ..= j), i.e. is no further from home than j is.
+            let d_hole = (hole + n - home) % n;
+            let d_j = (j + n - home) % n;
+            if d_hole < d_j {
+                let h = hole * self.stride;
+                self.table.copy_within(e..e + self.stride, h);
+                self.ring[slot as usize] = hole as u32;
+                hole = j;
+            }
+        }
+        let h = hole * self.stride + self.key_len + 4;
+        self.write_u32(h, EMPTY);
+    }
+}
+
+#[inline(always)]
+fn keys_eq(a: &[u8], b: &[u8]) -> bool {
+    match b.len() {
+        16 => {
+            let (Ok(x), Ok(y)) = (<[u8; 16]>::try_from(a), <[u8; 16]>::try_from(b)) else {
+                return false;
+            };
+            u128::from_ne_bytes(x) == u128::from_ne_bytes(y)
+        }
+        8 => {
+            let (Ok(x), Ok(y)) = (<[u8; 8]>::try_from(a), <[u8; 8]>::try_from(b)) else {
+                return false;
+            };
+            u64::from_ne_bytes(x) == u64::from_ne_bytes(y)
+        }
+        _ => a == b,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    fn key(i: u64) -> [u8; 16] {
+        let mut k = [0u8; 16];
+        k[..8].copy_from_slice(&i.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_le_bytes());
+        k[8..].copy_from_slice(&i.to_be_bytes());
+        k
+    }
+
+    #[test]
+    fn rejects_bad_construction() {
+        assert_eq!(
+            Tier1::new(0, 16, Duration::ZERO).err(),
+            Some(Tier1Error::Capacity(0))
+        );
+        assert_eq!(
+            Tier1::new(4, 0, Duration::ZERO).err(),
+            Some(Tier1Error::KeyLen(0))
+        );
+        assert!(matches!(
+            Tier1::new(4, 16, Duration::from_secs(30 * 86_400)),
+            Err(Tier1Error::Ttl(_))
+        ));
+    }
+
+    #[test]
+    fn inserted_keys_are_seen_and_others_are_not() {
+        let mut t = Tier1::new(1000, 16, Duration::ZERO).unwrap();
+        for i in 0..1000 {
+            assert!(!t.contains(&key(i), 0));
+            assert!(t.insert(&key(i), 0));
+            assert!(!t.insert(&key(i), 0), "second insert of {i}");
+        }
+        for i in 0..1000 {
+            assert!(t.contains(&key(i), 0));
+            assert!(!t.contains(&key(i + 1000), 0));
+        }
+        assert_eq!(t.len(), 1000);
+        assert_eq!(t.evictions(), 0);
+    }
+
+    #[test]
+    fn full_set_evicts_oldest_first_and_counts_it() {
+        let mut t = Tier1::new(100, 16, Duration::ZERO).unwrap();
+        for i in 0..150 {
+            t.insert(&key(i), 0);
+        }
+        assert_eq!(t.len(), 100);
+        assert_eq!(t.evictions(), 50);
+        assert!((0..50).all(|i| !t.contains(&key(i), 0)));
+        assert!((50..150).all(|i| t.contains(&key(i), 0)));
+    }
+
+    #[test]
+    fn entries_expire_after_ttl_and_are_swept() {
+        let mut t = Tier1::new(100, 16, Duration::from_millis(100)).unwrap();
+        t.insert(&key(1), 1000);
+        t.insert(&key(2), 1050);
+        assert!(t.contains(&key(1), 1099));
+        assert!(!t.contains(&key(1), 1100), "expired at exactly ttl");
+        assert!(t.contains(&key(2), 1100));
+        assert_eq!(t.sweep(1100, 10), 1);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.sweep(2000, 10), 1);
+        assert!(t.is_empty());
+        assert_eq!(t.expirations(), 2);
+        // Reinserting an expired key that was not swept yet works.
+        t.insert(&key(3), 3000);
+        assert!(t.insert(&key(3), 3200));
+        assert!(t.contains(&key(3), 3250));
+    }
+
+    #[test]
+    fn ages_survive_clock_wraparound() {
+        let mut t = Tier1::new(10, 16, Duration::from_millis(100)).unwrap();
+        t.insert(&key(1), u32::MAX - 10);
+        assert!(t.contains(&key(1), 20));
+        assert!(!t.contains(&key(1), 90));
+    }
+
+    /// One million distinct TxIDs through a full, small tier-1: not one is
+    /// reported seen before it was inserted.
+    #[test]
+    fn a_full_tier1_never_reports_a_novel_txid_as_seen() {
+        let mut t = Tier1::new(10_000, 16, Duration::from_secs(60)).unwrap();
+        let mut lies = 0;
+        for i in 0..1_000_000u64 {
+            let now = (i / 1000) as u32;
+            if t.contains(&key(i), now) {
+                lies += 1;
+            }
+            t.insert(&key(i), now);
+        }
+        assert_eq!(lies, 0);
+        assert_eq!(t.evictions(), 990_000);
+    }
+
+    /// Random inserts, lookups and clock steps against a model of the ring
+    /// (a deque of entries, retired ones kept as dead slots until popped).
+    #[test]
+    fn matches_a_fifo_ttl_model_under_random_operations() {
+        struct Slot {
+            key: Vec<u8>,
+            born: u32,
+            dead: bool,
+        }
+        for (cap, key_len) in [(7usize, 16usize), (64, 16), (300, 5), (1000, 8)] {
+            let ttl = 50u32;
+            let fresh = |s: &Slot, now: u32| !s.dead && now.wrapping_sub(s.born) < ttl;
+            let mut t = Tier1::new(cap, key_len, Duration::from_millis(ttl as u64)).unwrap();
+            let mut ring: VecDeque<Slot> = VecDeque::new();
+            let mut s = 1u64;
+            let mut now = 0u32;
+            for _ in 0..200_000 {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let r = (s >> 33) as usize;
+                let k: Vec<u8> = key((r % (cap * 3)) as u64)
+                    .iter()
+                    .copied()
+                    .cycle()
+                    .take(key_len)
+                    .collect();
+                match r % 10 {
+                    0 => now = now.wrapping_add((r % 7) as u32),
+                    1..=4 => {
+                        for _ in 0..SWEEP_PER_INSERT {
+                            match ring.front() {
+                                Some(f) if !fresh(f, now) => ring.pop_front(),
+                                _ => break,
+                            };
+                        }
+                        let live = ring.iter_mut().find(|x| !x.dead && x.key == k);
+                        let want = match live {
+                            Some(x) if now.wrapping_sub(x.born) < ttl => false,
+                            Some(x) => {
+                                x.dead = true;
+                                true
+                            }
+                            None => true,
+                        };
+                        assert_eq!(t.insert(&k, now), want);
+                        if want {
+                            if ring.len() == cap {
+                                ring.pop_front();
+                            }
+                            ring.push_back(Slot { key: k.clone(), born: now, dead: false });
+                        }
+                    }
+                    _ => {
+                        let want = ring.iter().any(|x| x.key == k && fresh(x, now));
+                        assert_eq!(t.contains(&k, now), want);
+                    }
+                }
+                assert_eq!(t.len(), ring.len());
+            }
+        }
+    }
+
+    #[test]
+    fn tier1_bytes_per_entry() {
+        let t = Tier1::new(1_000_000, 16, Duration::from_secs(60)).unwrap();
+        let per_entry = t.heap_bytes() as f64 / 1_000_000.0;
+        assert!(per_entry <= 48.0, "{per_entry} bytes per entry");
+        assert!((35.0..37.0).contains(&per_entry), "{per_entry}");
+    }
+}
