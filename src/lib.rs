@@ -1,6 +1,8 @@
 //! txgate: a thread-per-core TxID dedup engine.
 
 pub mod bench;
+pub mod cache;
 pub mod clock;
 pub mod route;
 pub mod tier1;
+pub mod units;

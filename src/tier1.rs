@@ -20,7 +20,6 @@
 //! 16-byte TxIDs, allocated once at start-up (`tier1_bytes_per_entry` test and
 //! the `tier1` bench measure it).
 
-use std::hash::BuildHasher;
 use std::time::Duration;
 
 const EMPTY: u32 = u32::MAX;

@@ -108,7 +108,9 @@ fn per_sec(count: u64, elapsed_ns: u64) -> f64 {
 }
 
 fn sample_count(h: &Histogram) -> u64 {
-    h.as_slice().iter().fold(0, |acc: u64, &n| acc.saturating_add(n))
+    h.as_slice()
+        .iter()
+        .fold(0, |acc: u64, &n| acc.saturating_add(n))
 }
 
 /// Merges one histogram per shard. A shard whose histogram cannot be merged
@@ -208,7 +210,11 @@ fn table_row(
 /// since "0ns" would read as a measurement.
 fn table_group(s: &LatencySummary) -> String {
     let latencies = [s.p50_ns, s.p90_ns, s.p99_ns, s.p999_ns, s.max_ns].map(|v| {
-        let cell = if s.count == 0 { "-".to_owned() } else { fmt_ns(v) };
+        let cell = if s.count == 0 {
+            "-".to_owned()
+        } else {
+            fmt_ns(v)
+        };
         format!(" {cell:>7}")
     });
     format!(" {:>9}{}", s.count, latencies.concat())
@@ -216,7 +222,10 @@ fn table_group(s: &LatencySummary) -> String {
 
 /// Human-friendly nanoseconds: "23ns", "1.20µs", "3.40ms", "12.0s".
 fn fmt_ns(ns: u64) -> String {
-    fmt_scaled(ns as f64, &[(1.0, "ns"), (1e3, "µs"), (1e6, "ms"), (1e9, "s")])
+    fmt_scaled(
+        ns as f64,
+        &[(1.0, "ns"), (1e3, "µs"), (1e6, "ms"), (1e9, "s")],
+    )
 }
 
 /// Human-friendly rate: "950", "12.3k", "1.20M".
@@ -354,16 +363,19 @@ pub fn render_svg(r: &BenchResult) -> String {
         .enumerate()
         .flat_map(|(i, s)| {
             let colour = PALETTE[i % PALETTE.len()];
-            [("duplicate", &s.duplicate, false), ("novel", &s.novel, true)]
-                .into_iter()
-                .filter_map(move |(kind, h, dashed)| {
-                    Some(Curve {
-                        label: format!("shard {} (core {}) {kind}", s.shard, s.core),
-                        colour,
-                        dashed,
-                        points: curve_points(h)?,
-                    })
+            [
+                ("duplicate", &s.duplicate, false),
+                ("novel", &s.novel, true),
+            ]
+            .into_iter()
+            .filter_map(move |(kind, h, dashed)| {
+                Some(Curve {
+                    label: format!("shard {} (core {}) {kind}", s.shard, s.core),
+                    colour,
+                    dashed,
+                    points: curve_points(h)?,
                 })
+            })
         })
         .collect();
 
@@ -495,10 +507,11 @@ pub fn render_svg(r: &BenchResult) -> String {
 
 /// Points of `h`'s percentile curve, or `None` when it has no samples.
 fn curve_points(h: &Histogram) -> Option<Vec<(f64, u64)>> {
-    // Quarter-nine steps from p0 to p99.99 keep the curve smooth; then the max.
+    // Quarter-nine steps from p0 to p99.99 keep the curve smooth; p50 and the
+    // max sit on gridlines. The result is keyed, hence sorted, by quantile.
     let quantiles: Vec<f64> = (0..=16)
         .map(|i| 1.0 - 10f64.powf(-f64::from(i) / 4.0))
-        .chain([1.0])
+        .chain([0.5, 1.0])
         .collect();
     let q = h.quantiles(&quantiles).ok()??;
     let points = q
@@ -506,7 +519,11 @@ fn curve_points(h: &Histogram) -> Option<Vec<(f64, u64)>> {
         .iter()
         .map(|(k, b)| {
             let p = k.as_f64();
-            let nines = if p >= 1.0 { MAX_NINES } else { -(1.0 - p).log10() };
+            let nines = if p >= 1.0 {
+                MAX_NINES
+            } else {
+                -(1.0 - p).log10()
+            };
             (nines.clamp(0.0, MAX_NINES), b.end())
         })
         .collect();
@@ -529,8 +546,9 @@ fn decade_label(exp: i32) -> String {
 
 /// A `<text>` element with `content` escaped; `attrs` are trusted markup.
 fn text(x: f64, y: f64, attrs: &str, content: &str) -> String {
+    let sep = if attrs.is_empty() { "" } else { " " };
     format!(
-        r#"<text x="{x:.1}" y="{y:.1}" {attrs}>{}</text>"#,
+        r#"<text x="{x:.1}" y="{y:.1}"{sep}{attrs}>{}</text>"#,
         xml_escape(content)
     )
 }
@@ -766,7 +784,13 @@ mod tests {
         svg.split("<polyline")
             .skip(1)
             .map(|p| {
-                let pts = p.split("points=\"").nth(1).unwrap().split('"').next().unwrap();
+                let pts = p
+                    .split("points=\"")
+                    .nth(1)
+                    .unwrap()
+                    .split('"')
+                    .next()
+                    .unwrap();
                 pts.split_whitespace()
                     .map(|xy| {
                         let (x, y) = xy.split_once(',').unwrap();

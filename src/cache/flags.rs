@@ -1,0 +1,301 @@
+//! A store's flags, registered on any clap command under a flag prefix and an
+//! env prefix, so one binary can carry several stores (`--ingress-dedup-…`,
+//! `--frames-…`). Every flag has an UPPERCASE env twin:
+//! `--ingress-dedup-redis-addr` ↔ `INGRESS_DEDUP_REDIS_ADDR`.
+
+use std::time::Duration;
+
+use clap::{Arg, ArgAction, ArgMatches, Command};
+
+use super::{
+    BackendKind, Config, DIAL_TIMEOUT_DEFAULT, MEMORY_MAX_KEYS_DEFAULT, OP_TIMEOUT_DEFAULT,
+};
+use crate::units::parse_duration;
+
+/// A configuration the flags parse but do not allow, naming the flag.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FlagError {
+    #[error("{flag} (env {env}) is required when {backend_flag} is {backend}")]
+    Missing {
+        flag: String,
+        env: String,
+        backend_flag: String,
+        backend: BackendKind,
+    },
+    #[error("{flag} (env {env}): {problem}")]
+    Invalid {
+        flag: String,
+        env: String,
+        problem: String,
+    },
+}
+
+/// The names of one store's flags; made by [`register_flags`].
+#[derive(Debug, Clone)]
+pub struct CacheFlags {
+    flag_prefix: String,
+    env_prefix: String,
+}
+
+/// Adds a store's flags to `cmd` as `--{flag_prefix}backend` etc., each with
+/// env twin `{env_prefix}BACKEND` etc. Returns the command and the handle that
+/// builds the [`Config`] from the parsed matches.
+pub fn register_flags(cmd: Command, flag_prefix: &str, env_prefix: &str) -> (Command, CacheFlags) {
+    let f = CacheFlags {
+        flag_prefix: flag_prefix.to_owned(),
+        env_prefix: env_prefix.to_owned(),
+    };
+    let heading = if flag_prefix.is_empty() {
+        "Store".to_owned()
+    } else {
+        format!("Store ({})", flag_prefix.trim_end_matches('-'))
+    };
+    let cmd = cmd
+        .next_help_heading(heading)
+        .arg(
+            f.arg("backend")
+                .value_name("KIND")
+                .value_parser(BackendKind::NAMES)
+                .default_value("memory")
+                .help("Store backing the cache: memory (per process), redis, aerospike, none (tier-1 only)"),
+        )
+        .arg(
+            f.arg("memory-max-keys")
+                .value_name("N")
+                .value_parser(clap::value_parser!(usize))
+                .default_value(MEMORY_MAX_KEYS_DEFAULT.to_string())
+                .help("Memory backend: most keys over all shards, 0 = unbounded; soonest-to-expire evicted first"),
+        )
+        .arg(
+            f.arg("redis-addr")
+                .value_name("HOST:PORT")
+                .help("Redis-protocol server or cluster seed; required for --backend redis"),
+        )
+        .arg(
+            f.arg("aero-hosts")
+                .value_name("HOST:PORT,...")
+                .value_delimiter(',')
+                .action(ArgAction::Append)
+                .help("Aerospike seed nodes; required for --backend aerospike"),
+        )
+        .arg(
+            f.arg("aero-namespace")
+                .value_name("NS")
+                .help("Aerospike namespace; required for --backend aerospike"),
+        )
+        .arg(
+            f.arg("aero-set")
+                .value_name("SET")
+                .default_value("txgate")
+                .help("Aerospike set within the namespace"),
+        )
+        .arg(
+            f.arg("dial-timeout")
+                .value_name("DURATION")
+                .value_parser(parse_duration)
+                .default_value(format!("{}ms", DIAL_TIMEOUT_DEFAULT.as_millis()))
+                .help("Bound on connecting to the store (e.g. 200ms)"),
+        )
+        .arg(
+            f.arg("op-timeout")
+                .value_name("DURATION")
+                .value_parser(parse_duration)
+                .default_value(format!("{}ms", OP_TIMEOUT_DEFAULT.as_millis()))
+                .help("Bound on each store op; past it, dedup fails open and forwards (e.g. 50ms)"),
+        );
+    (cmd, f)
+}
+
+impl CacheFlags {
+    fn id(&self, name: &str) -> String {
+        format!("{}{}", self.flag_prefix, name)
+    }
+
+    /// `--{prefix}{name}` as a user types it.
+    pub fn flag(&self, name: &str) -> String {
+        format!("--{}", self.id(name))
+    }
+
+    /// The env twin of `--{prefix}{name}`.
+    pub fn env(&self, name: &str) -> String {
+        format!("{}{}", self.env_prefix, name.to_uppercase().replace('-', "_"))
+    }
+
+    fn arg(&self, name: &str) -> Arg {
+        Arg::new(self.id(name))
+            .long(self.id(name))
+            .env(self.env(name))
+    }
+
+    fn missing(&self, name: &str, backend: BackendKind) -> FlagError {
+        FlagError::Missing {
+            flag: self.flag(name),
+            env: self.env(name),
+            backend_flag: self.flag("backend"),
+            backend,
+        }
+    }
+
+    /// Builds the store's [`Config`] from parsed matches, refusing
+    /// combinations that cannot work (redis without an address, …).
+    pub fn config(&self, m: &ArgMatches) -> Result<Config, FlagError> {
+        let s = |name: &str| m.get_one::<String>(&self.id(name)).cloned();
+        let d = |name: &str| {
+            m.get_one::<Duration>(&self.id(name))
+                .copied()
+                .expect("has a default")
+        };
+        let backend: BackendKind = s("backend")
+            .expect("has a default")
+            .parse()
+            .map_err(|problem| FlagError::Invalid {
+                flag: self.flag("backend"),
+                env: self.env("backend"),
+                problem,
+            })?;
+        let aero_hosts: Vec<String> = m
+            .get_many::<String>(&self.id("aero-hosts"))
+            .map(|v| {
+                v.map(|h| h.trim().to_owned())
+                    .filter(|h| !h.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let non_empty = |v: Option<String>| v.filter(|x| !x.trim().is_empty());
+        let config = Config {
+            backend,
+            memory_max_keys: *m
+                .get_one::<usize>(&self.id("memory-max-keys"))
+                .expect("has a default"),
+            redis_addr: non_empty(s("redis-addr")),
+            aero_hosts,
+            aero_namespace: non_empty(s("aero-namespace")),
+            aero_set: s("aero-set").expect("has a default"),
+            dial_timeout: d("dial-timeout"),
+            op_timeout: d("op-timeout"),
+        };
+        for (name, value) in [
+            ("dial-timeout", config.dial_timeout),
+            ("op-timeout", config.op_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(FlagError::Invalid {
+                    flag: self.flag(name),
+                    env: self.env(name),
+                    problem: "must be greater than zero".into(),
+                });
+            }
+        }
+        match backend {
+            BackendKind::Redis if config.redis_addr.is_none() => {
+                Err(self.missing("redis-addr", backend))
+            }
+            BackendKind::Aerospike if config.aero_hosts.is_empty() => {
+                Err(self.missing("aero-hosts", backend))
+            }
+            BackendKind::Aerospike if config.aero_namespace.is_none() => {
+                Err(self.missing("aero-namespace", backend))
+            }
+            _ => Ok(config),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let (cmd, f) = register_flags(Command::new("t"), "ingress-dedup-", "TXGATE_TEST_INGRESS_DEDUP_");
+        let m = cmd
+            .try_get_matches_from(std::iter::once("t").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        f.config(&m).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_match_the_reference_package() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.dial_timeout, Duration::from_millis(200));
+        assert_eq!(c.op_timeout, Duration::from_millis(50));
+    }
+
+    #[test]
+    fn flags_fill_every_field() {
+        let c = parse(&[
+            "--ingress-dedup-backend",
+            "aerospike",
+            "--ingress-dedup-aero-hosts",
+            "a:3000,b:3000",
+            "--ingress-dedup-aero-namespace",
+            "ns",
+            "--ingress-dedup-aero-set",
+            "s",
+            "--ingress-dedup-memory-max-keys",
+            "7",
+            "--ingress-dedup-dial-timeout",
+            "1s",
+            "--ingress-dedup-op-timeout",
+            "20ms",
+        ])
+        .unwrap();
+        assert_eq!(c.backend, BackendKind::Aerospike);
+        assert_eq!(c.aero_hosts, vec!["a:3000", "b:3000"]);
+        assert_eq!(c.aero_namespace.as_deref(), Some("ns"));
+        assert_eq!(c.aero_set, "s");
+        assert_eq!(c.memory_max_keys, 7);
+        assert_eq!(c.dial_timeout, Duration::from_secs(1));
+        assert_eq!(c.op_timeout, Duration::from_millis(20));
+    }
+
+    #[test]
+    fn unknown_backend_names_the_flag_and_the_allowed_values() {
+        let e = parse(&["--ingress-dedup-backend", "bogus"]).unwrap_err();
+        assert!(e.contains("--ingress-dedup-backend"), "{e}");
+        for name in BackendKind::NAMES {
+            assert!(e.contains(name), "{e}");
+        }
+    }
+
+    #[test]
+    fn bad_duration_names_the_flag() {
+        let e = parse(&["--ingress-dedup-op-timeout", "fast"]).unwrap_err();
+        assert!(e.contains("--ingress-dedup-op-timeout"), "{e}");
+        let e = parse(&["--ingress-dedup-op-timeout", "0"]).unwrap_err();
+        assert!(e.contains("--ingress-dedup-op-timeout"), "{e}");
+    }
+
+    #[test]
+    fn redis_without_address_is_refused() {
+        let e = parse(&["--ingress-dedup-backend", "redis"]).unwrap_err();
+        assert!(e.contains("--ingress-dedup-redis-addr"), "{e}");
+        assert!(e.contains("TXGATE_TEST_INGRESS_DEDUP_REDIS_ADDR"), "{e}");
+        assert!(parse(&["--ingress-dedup-backend", "redis", "--ingress-dedup-redis-addr", "127.0.0.1:6379"]).is_ok());
+    }
+
+    #[test]
+    fn aerospike_without_hosts_or_namespace_is_refused() {
+        let e = parse(&["--ingress-dedup-backend", "aerospike", "--ingress-dedup-aero-namespace", "ns"]).unwrap_err();
+        assert!(e.contains("--ingress-dedup-aero-hosts"), "{e}");
+        let e = parse(&["--ingress-dedup-backend", "aerospike", "--ingress-dedup-aero-hosts", "h:3000"]).unwrap_err();
+        assert!(e.contains("--ingress-dedup-aero-namespace"), "{e}");
+    }
+
+    #[test]
+    fn env_twins_are_read() {
+        // A prefix of its own so no other test sees these variables. Clap
+        // reads env values when the flag is registered, so set them first.
+        // SAFETY: this test's variables are unique to it; no other thread reads them.
+        unsafe {
+            std::env::set_var("TXGATE_ENVT_BACKEND", "redis");
+            std::env::set_var("TXGATE_ENVT_REDIS_ADDR", "10.0.0.1:6380");
+            std::env::set_var("TXGATE_ENVT_OP_TIMEOUT", "7ms");
+        }
+        let (cmd, f) = register_flags(Command::new("t"), "envt-", "TXGATE_ENVT_");
+        let c = f.config(&cmd.try_get_matches_from(["t"]).unwrap()).unwrap();
+        assert_eq!(c.backend, BackendKind::Redis);
+        assert_eq!(c.redis_addr.as_deref(), Some("10.0.0.1:6380"));
+        assert_eq!(c.op_timeout, Duration::from_millis(7));
+    }
+}

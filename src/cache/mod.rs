@@ -1,0 +1,279 @@
+//! The backend contract: a TTL'd key-value store with an atomic create-only
+//! write, shared by the dedup claim path and the frame store.
+//!
+//! | op | meaning |
+//! |---|---|
+//! | `set_nx(key, val, ttl)` | create iff absent: `Ok(true)` won, `Ok(false)` already there, `Err` fail open |
+//! | `set(key, val, ttl)` | unconditional write |
+//! | `get(key)` | `Ok(None)` on a miss or expiry, never an error for a miss |
+//! | `del(key)` | an absent key is fine |
+//! | `healthy()` | cold-path readiness probe |
+//! | `close()` | release connections and background work |
+//!
+//! A ttl of zero means "no expiry". Keys and values are opaque bytes; callers
+//! namespace them. [`open`] is fail-closed; `none` yields no backend.
+//!
+//! Two levels: [`Backend`] is the process-wide, `Send` description made by
+//! [`open`]; each shard turns it into its own [`ShardBackend`] (its memory
+//! partition, its connections). Shard backends are an enum, so a call on the
+//! hot path is a `match`, not a boxed future.
+
+pub mod fault;
+pub mod flags;
+pub mod memory;
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+pub use flags::{FlagError, register_flags};
+
+/// Default bound on connection establishment.
+pub const DIAL_TIMEOUT_DEFAULT: Duration = Duration::from_millis(200);
+/// Default bound on one operation: short, so a slow backend becomes an error
+/// (and a fail-open forward) fast.
+pub const OP_TIMEOUT_DEFAULT: Duration = Duration::from_millis(50);
+/// Default bound on the memory backend's keys, over all shards.
+pub const MEMORY_MAX_KEYS_DEFAULT: usize = 1_000_000;
+
+/// Which store backs a cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendKind {
+    /// Per-process memory, partitioned by shard: no cross-instance coordination.
+    #[default]
+    Memory,
+    /// Any Redis-protocol server or Redis Cluster, by address.
+    Redis,
+    /// An Aerospike Community Edition cluster.
+    Aerospike,
+    /// No backend: dedup runs on tier-1 only.
+    None,
+}
+
+impl BackendKind {
+    /// Every accepted name, in the order help texts list them.
+    pub const NAMES: [&'static str; 4] = ["memory", "redis", "aerospike", "none"];
+
+    /// The name accepted by flags and printed in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Memory => "memory",
+            Self::Redis => "redis",
+            Self::Aerospike => "aerospike",
+            Self::None => "none",
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for BackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "memory" => Ok(Self::Memory),
+            "redis" => Ok(Self::Redis),
+            "aerospike" => Ok(Self::Aerospike),
+            "none" => Ok(Self::None),
+            other => Err(format!(
+                "unknown backend '{other}': expected one of {}",
+                Self::NAMES.join(", ")
+            )),
+        }
+    }
+}
+
+/// Construction parameters for [`open`]: every field of the reference
+/// package. Only the fields of the chosen backend are read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub backend: BackendKind,
+    /// Bound on the memory backend's keys over all shards (0 = unbounded).
+    pub memory_max_keys: usize,
+    /// `host:port` of a Redis-protocol server; required for `redis`.
+    pub redis_addr: Option<String>,
+    /// Aerospike seed nodes (`host:port`); required for `aerospike`.
+    pub aero_hosts: Vec<String>,
+    /// Aerospike namespace; required for `aerospike`.
+    pub aero_namespace: Option<String>,
+    /// Aerospike set within the namespace.
+    pub aero_set: String,
+    /// Bound on establishing a connection.
+    pub dial_timeout: Duration,
+    /// Bound on each operation.
+    pub op_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            backend: BackendKind::Memory,
+            memory_max_keys: MEMORY_MAX_KEYS_DEFAULT,
+            redis_addr: None,
+            aero_hosts: Vec::new(),
+            aero_namespace: None,
+            aero_set: "txgate".to_owned(),
+            dial_timeout: DIAL_TIMEOUT_DEFAULT,
+            op_timeout: OP_TIMEOUT_DEFAULT,
+        }
+    }
+}
+
+/// What a backend operation or [`open`] reports when it fails.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum CacheError {
+    #[error("{op} timed out after {after_ms} ms")]
+    Timeout { op: &'static str, after_ms: u64 },
+    #[error("backend error during {op}: {detail}")]
+    Backend { op: &'static str, detail: String },
+    #[error("backend is closed")]
+    Closed,
+    #[error("the {0} backend is not available in this build yet")]
+    Unavailable(BackendKind),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+impl CacheError {
+    /// True for timeouts, which callers count apart from other errors.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Self::Timeout { .. })
+    }
+}
+
+/// A backend as opened: `Send + Sync`, cloned into every shard, which calls
+/// [`Backend::connect_shard`] on its own thread.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    Memory(memory::MemoryBackend),
+    /// A test backend wrapping memory with switchable faults (errors, stalls,
+    /// delays); it proves fail-open behaviour without a real outage.
+    Fault(fault::FaultBackend),
+}
+
+impl Backend {
+    /// The kind name for reports.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Memory(_) => "memory",
+            Self::Fault(_) => "fault",
+        }
+    }
+
+    /// Whether every op on a key must run on one shard because the store
+    /// itself is partitioned by shard (memory). Shared stores (Redis,
+    /// Aerospike) can be reached from any shard.
+    pub fn partitioned_by_shard(&self) -> bool {
+        match self {
+            Self::Memory(_) | Self::Fault(_) => true,
+        }
+    }
+
+    /// Builds shard `shard` of `shards`'s own backend: its partition, its
+    /// connections. Runs on that shard's thread.
+    pub async fn connect_shard(
+        &self,
+        shard: usize,
+        shards: usize,
+    ) -> Result<ShardBackend, CacheError> {
+        match self {
+            Self::Memory(m) => Ok(ShardBackend::Memory(m.shard(shard, shards))),
+            Self::Fault(f) => Ok(ShardBackend::Fault(f.shard(shard, shards))),
+        }
+    }
+}
+
+/// Opens the backend `config` selects. Fail-closed: a backend that cannot be
+/// reached is an error, never a degraded backend. `none` yields `Ok(None)`:
+/// the caller runs on tier-1 only.
+pub fn open(config: &Config) -> Result<Option<Backend>, CacheError> {
+    match config.backend {
+        BackendKind::None => Ok(None),
+        BackendKind::Memory => Ok(Some(Backend::Memory(memory::MemoryBackend::new(
+            config.memory_max_keys,
+        )))),
+        BackendKind::Redis => {
+            if config.redis_addr.as_deref().unwrap_or("").is_empty() {
+                return Err(CacheError::Config("redis needs an address".into()));
+            }
+            Err(CacheError::Unavailable(BackendKind::Redis))
+        }
+        BackendKind::Aerospike => {
+            if config.aero_hosts.is_empty() || config.aero_namespace.is_none() {
+                return Err(CacheError::Config(
+                    "aerospike needs seed hosts and a namespace".into(),
+                ));
+            }
+            Err(CacheError::Unavailable(BackendKind::Aerospike))
+        }
+    }
+}
+
+/// One shard's backend: the hot-path handle. `!Send`; owned by its shard.
+pub enum ShardBackend {
+    Memory(memory::MemoryShard),
+    Fault(fault::FaultShard),
+}
+
+impl ShardBackend {
+    /// Creates `key = val` iff absent: `Ok(true)` when this call created it.
+    #[inline]
+    pub async fn set_nx(&self, key: &[u8], val: &[u8], ttl: Duration) -> Result<bool, CacheError> {
+        match self {
+            Self::Memory(m) => m.set_nx(key, val, ttl),
+            Self::Fault(f) => f.set_nx(key, val, ttl).await,
+        }
+    }
+
+    /// Writes `key = val`, replacing any value.
+    pub async fn set(&self, key: &[u8], val: &[u8], ttl: Duration) -> Result<(), CacheError> {
+        match self {
+            Self::Memory(m) => m.set(key, val, ttl),
+            Self::Fault(f) => f.set(key, val, ttl).await,
+        }
+    }
+
+    /// The value under `key`; `Ok(None)` on a miss or expiry.
+    pub async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, CacheError> {
+        match self {
+            Self::Memory(m) => m.get(key),
+            Self::Fault(f) => f.get(key).await,
+        }
+    }
+
+    /// Removes `key`; an absent key is not an error.
+    pub async fn del(&self, key: &[u8]) -> Result<(), CacheError> {
+        match self {
+            Self::Memory(m) => m.del(key),
+            Self::Fault(f) => f.del(key).await,
+        }
+    }
+
+    /// Cold-path readiness probe; memory is always healthy.
+    pub async fn healthy(&self) -> bool {
+        match self {
+            Self::Memory(_) => true,
+            Self::Fault(f) => f.healthy(),
+        }
+    }
+
+    /// Periodic upkeep (expiry sweeps); bounded work per call.
+    pub fn maintain(&self) {
+        match self {
+            Self::Memory(m) => m.sweep(memory::SWEEP_BUDGET),
+            Self::Fault(f) => f.memory().sweep(memory::SWEEP_BUDGET),
+        }
+    }
+
+    /// Releases the shard's resources; later ops fail with `Closed`.
+    pub fn close(&self) {
+        match self {
+            Self::Memory(m) => m.close(),
+            Self::Fault(f) => f.memory().close(),
+        }
+    }
+}
