@@ -3,6 +3,9 @@
 pub mod bench;
 pub mod cache;
 pub mod clock;
+pub mod engine;
+pub mod framestore;
 pub mod route;
 pub mod tier1;
+pub mod txidset;
 pub mod units;

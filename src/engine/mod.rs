@@ -1,0 +1,563 @@
+//! Shards: one glommio executor pinned per core, each owning its tier-1
+//! partition, single-flight table, backend connection(s) and counters.
+//!
+//! Everything keyed by a TxID runs on `route(txid)`'s shard, so all copies of a
+//! TxID meet on one core and need no lock. Work reaches a shard through its
+//! bounded inbox (a `flume` channel any thread can send on): from another
+//! shard, from a plain thread, or from another runtime. Inside a shard the hot
+//! path is plain method calls on `Rc` state.
+
+pub mod cores;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
+
+use crate::cache::{Backend, CacheError, ShardBackend};
+use crate::framestore::{FrameStore, FrameStoreError};
+use crate::route::route;
+use crate::txidset::{TxIdSet, TxIdSetConfig, TxIdSetError, Verdict};
+
+pub use cores::{affinity_cores, parse_core_list};
+
+/// io_uring registered-buffer memory per executor. We do no file I/O, so the
+/// minimum: glommio's 10 MiB default would not fit an 8 MiB RLIMIT_MEMLOCK.
+const IO_MEMORY_BYTES: usize = 64 << 10;
+/// How often a shard sweeps expired entries.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_millis(100);
+/// Expired tier-1 entries dropped per maintenance tick.
+const TIER1_SWEEP_BUDGET: usize = 4096;
+
+/// How an engine is built.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// One shard per entry, pinned to that CPU. Empty: the affinity mask.
+    pub cores: Vec<usize>,
+    /// The shared store; `None` runs on tier-1 only.
+    pub backend: Option<Backend>,
+    /// Each shard's TxID set.
+    pub txidset: TxIdSetConfig,
+    /// Bound on each shard's inbox; senders wait (or fail, for `try_`) past it.
+    pub inbox_capacity: usize,
+    /// Bound on submitted jobs running at once on a shard.
+    pub jobs_max: usize,
+    /// Key prefix and TTL of each shard's frame store (built when there is a
+    /// backend).
+    pub frame_prefix: Vec<u8>,
+    pub frame_ttl: Duration,
+    /// Bound on the whole start-up: executors, backend connections.
+    pub start_timeout: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            cores: Vec::new(),
+            backend: None,
+            txidset: TxIdSetConfig::default(),
+            inbox_capacity: 1024,
+            jobs_max: 4096,
+            frame_prefix: b"txgate:frame:".to_vec(),
+            frame_ttl: Duration::from_secs(30),
+            start_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why the engine failed to start or to run a request.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("no cores to run on")]
+    NoCores,
+    #[error("reading the CPU affinity mask: {0}")]
+    Affinity(std::io::Error),
+    #[error("shard {shard} on core {core} failed to start: {reason}")]
+    Start {
+        shard: usize,
+        core: usize,
+        reason: String,
+    },
+    #[error("shards did not all start within {0:?}")]
+    StartTimeout(Duration),
+    #[error("shard {0} has stopped")]
+    ShardStopped(usize),
+    #[error("shard {0}'s inbox is full")]
+    InboxFull(usize),
+    #[error("TxID is {got} bytes; this engine routes {want}-byte TxIDs")]
+    TxIdLen { got: usize, want: usize },
+    #[error(transparent)]
+    TxIdSet(#[from] TxIdSetError),
+    #[error(transparent)]
+    FrameStore(#[from] FrameStoreError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+}
+
+type Job = Box<dyn FnOnce(Rc<Shard>) -> Pin<Box<dyn Future<Output = ()>>> + Send>;
+
+enum Msg {
+    Job(Job),
+    Stop,
+}
+
+/// A backend op that can be sent to the owner shard of its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    SetNx {
+        key: Vec<u8>,
+        val: Vec<u8>,
+        ttl: Duration,
+    },
+    Set {
+        key: Vec<u8>,
+        val: Vec<u8>,
+        ttl: Duration,
+    },
+    Get {
+        key: Vec<u8>,
+    },
+    Del {
+        key: Vec<u8>,
+    },
+}
+
+/// The result of an [`Op`], arm for arm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    SetNx(bool),
+    Set,
+    Get(Option<Vec<u8>>),
+    Del,
+}
+
+/// One shard's state, reachable only on its own thread (`Rc<Shard>`).
+pub struct Shard {
+    index: usize,
+    core: usize,
+    shards: usize,
+    backend: Option<Rc<ShardBackend>>,
+    /// Whether the backend is split by shard, so ops must run on the owner.
+    partitioned: bool,
+    txids: TxIdSet,
+    frames: Option<FrameStore>,
+    peers: Vec<flume::Sender<Msg>>,
+}
+
+impl Shard {
+    /// This shard's index, 0-based.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// The CPU this shard is pinned to.
+    pub fn core(&self) -> usize {
+        self.core
+    }
+
+    /// Shards in the engine.
+    pub fn shards(&self) -> usize {
+        self.shards
+    }
+
+    /// The shard that owns `key` (a TxID, or any routing key).
+    pub fn owner(&self, key: &[u8]) -> usize {
+        route(key, self.shards as u32) as usize
+    }
+
+    /// This shard's backend, `None` when running on tier-1 only.
+    pub fn backend(&self) -> Option<&Rc<ShardBackend>> {
+        self.backend.as_ref()
+    }
+
+    /// This shard's TxID set (owned TxIDs only).
+    pub fn txids(&self) -> &TxIdSet {
+        &self.txids
+    }
+
+    /// This shard's frame store, when there is a backend.
+    pub fn frames(&self) -> Option<&FrameStore> {
+        self.frames.as_ref()
+    }
+
+    /// Claims `txid` on its owner: here if this shard owns it, else by a hop
+    /// through the owner's inbox.
+    pub async fn claim(self: &Rc<Self>, txid: &[u8]) -> Result<Verdict, EngineError> {
+        check_len(txid, self.txids.txid_len())?;
+        let owner = self.owner(txid);
+        if owner == self.index {
+            return Ok(self.txids.claim(txid).await);
+        }
+        let txid = txid.to_vec();
+        submit(&self.peers[owner], owner, move |s| async move {
+            s.txids.claim(&txid).await
+        })
+        .await
+    }
+
+    /// Runs `op` where its key lives: the owner of `route_key` for a store
+    /// partitioned by shard (memory), this shard for a shared store.
+    pub async fn op(self: &Rc<Self>, route_key: &[u8], op: Op) -> Result<Reply, EngineError> {
+        let owner = self.owner(route_key);
+        if owner == self.index || !self.partitioned {
+            return self.op_here(op).await;
+        }
+        submit(&self.peers[owner], owner, move |s| async move {
+            s.op_here(op).await
+        })
+        .await?
+    }
+
+    async fn op_here(&self, op: Op) -> Result<Reply, EngineError> {
+        let b = self
+            .backend
+            .as_ref()
+            .ok_or(CacheError::Config("no backend: the engine runs on tier-1 only".into()))?;
+        Ok(match op {
+            Op::SetNx { key, val, ttl } => Reply::SetNx(b.set_nx(&key, &val, ttl).await?),
+            Op::Set { key, val, ttl } => {
+                b.set(&key, &val, ttl).await?;
+                Reply::Set
+            }
+            Op::Get { key } => Reply::Get(b.get(&key).await?),
+            Op::Del { key } => {
+                b.del(&key).await?;
+                Reply::Del
+            }
+        })
+    }
+}
+
+fn check_len(txid: &[u8], want: usize) -> Result<(), EngineError> {
+    if txid.len() == want {
+        Ok(())
+    } else {
+        Err(EngineError::TxIdLen {
+            got: txid.len(),
+            want,
+        })
+    }
+}
+
+/// Sends `f` to a shard's inbox and awaits its result; works from any thread
+/// and any executor.
+async fn submit<F, Fut, T>(inbox: &flume::Sender<Msg>, shard: usize, f: F) -> Result<T, EngineError>
+where
+    F: FnOnce(Rc<Shard>) -> Fut + Send + 'static,
+    Fut: Future<Output = T> + 'static,
+    T: Send + 'static,
+{
+    let (tx, rx) = flume::bounded(1);
+    let job: Job = Box::new(move |s| {
+        Box::pin(async move {
+            let _ = tx.send(f(s).await);
+        })
+    });
+    inbox
+        .send_async(Msg::Job(job))
+        .await
+        .map_err(|_| EngineError::ShardStopped(shard))?;
+    rx.recv_async()
+        .await
+        .map_err(|_| EngineError::ShardStopped(shard))
+}
+
+/// A running set of shards. `Send + Sync`: share it by reference or `Arc`.
+pub struct Engine {
+    inboxes: Vec<flume::Sender<Msg>>,
+    cores: Vec<usize>,
+    txid_len: usize,
+    threads: Mutex<Vec<ExecutorJoinHandle<()>>>,
+}
+
+impl Engine {
+    /// Starts one pinned executor per core, builds each shard's state and
+    /// backend, and returns once every shard is serving — or the first error.
+    pub fn start(config: EngineConfig) -> Result<Engine, EngineError> {
+        let cores = if config.cores.is_empty() {
+            affinity_cores().map_err(EngineError::Affinity)?
+        } else {
+            config.cores.clone()
+        };
+        if cores.is_empty() {
+            return Err(EngineError::NoCores);
+        }
+        let n = cores.len();
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..n)
+            .map(|_| flume::bounded::<Msg>(config.inbox_capacity.max(1)))
+            .unzip();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(usize, Result<(), String>)>();
+        let mut engine = Engine {
+            inboxes: senders.clone(),
+            cores: cores.clone(),
+            txid_len: config.txidset.txid_len,
+            threads: Mutex::new(Vec::with_capacity(n)),
+        };
+        for (index, (core, inbox)) in cores.iter().copied().zip(receivers).enumerate() {
+            let (peers, config, ready) = (senders.clone(), config.clone(), ready_tx.clone());
+            let spawned = LocalExecutorBuilder::new(Placement::Fixed(core))
+                .name(&format!("txgate-shard-{index}"))
+                .io_memory(IO_MEMORY_BYTES)
+                .spawn(move || async move {
+                    run_shard(index, core, n, config, peers, inbox, ready).await
+                });
+            match spawned {
+                Ok(h) => engine.threads.get_mut().expect("not shared yet").push(h),
+                Err(e) => {
+                    engine.stop();
+                    return Err(EngineError::Start {
+                        shard: index,
+                        core,
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+        drop(ready_tx);
+        let deadline = std::time::Instant::now() + config.start_timeout;
+        for _ in 0..n {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let failure = match ready_rx.recv_timeout(left) {
+                Ok((_, Ok(()))) => continue,
+                Ok((shard, Err(reason))) => EngineError::Start {
+                    shard,
+                    core: cores[shard],
+                    reason,
+                },
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    EngineError::StartTimeout(config.start_timeout)
+                }
+                // Every shard thread is gone: an executor failed to build.
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    let reasons = engine.stop();
+                    let (shard, reason) = reasons
+                        .into_iter()
+                        .next()
+                        .unwrap_or((0, "executor exited".into()));
+                    return Err(EngineError::Start {
+                        shard,
+                        core: cores[shard],
+                        reason,
+                    });
+                }
+            };
+            engine.stop();
+            return Err(failure);
+        }
+        Ok(engine)
+    }
+
+    /// Shards in the engine.
+    pub fn shards(&self) -> usize {
+        self.inboxes.len()
+    }
+
+    /// The CPU of each shard, by index.
+    pub fn cores(&self) -> &[usize] {
+        &self.cores
+    }
+
+    /// The shard owning `key`.
+    pub fn owner(&self, key: &[u8]) -> usize {
+        route(key, self.shards() as u32) as usize
+    }
+
+    /// Runs `f` on shard `shard` and returns its result. Callable from any
+    /// thread or executor; waits while the shard's inbox is full.
+    pub async fn run_on<F, Fut, T>(&self, shard: usize, f: F) -> Result<T, EngineError>
+    where
+        F: FnOnce(Rc<Shard>) -> Fut + Send + 'static,
+        Fut: Future<Output = T> + 'static,
+        T: Send + 'static,
+    {
+        let inbox = self
+            .inboxes
+            .get(shard)
+            .ok_or(EngineError::ShardStopped(shard))?;
+        submit(inbox, shard, f).await
+    }
+
+    /// Runs `f` on every shard at once; results by shard index.
+    pub async fn on_every_shard<F, Fut, T>(&self, f: F) -> Result<Vec<T>, EngineError>
+    where
+        F: Fn(Rc<Shard>) -> Fut + Send + Clone + 'static,
+        Fut: Future<Output = T> + 'static,
+        T: Send + 'static,
+    {
+        let mut replies = Vec::with_capacity(self.shards());
+        for (i, inbox) in self.inboxes.iter().enumerate() {
+            let (tx, rx) = flume::bounded(1);
+            let f = f.clone();
+            let job: Job = Box::new(move |s| {
+                Box::pin(async move {
+                    let _ = tx.send(f(s).await);
+                })
+            });
+            inbox
+                .send_async(Msg::Job(job))
+                .await
+                .map_err(|_| EngineError::ShardStopped(i))?;
+            replies.push(rx);
+        }
+        let mut out = Vec::with_capacity(replies.len());
+        for (i, rx) in replies.into_iter().enumerate() {
+            out.push(rx.recv_async().await.map_err(|_| EngineError::ShardStopped(i))?);
+        }
+        Ok(out)
+    }
+
+    /// Claims `txid` on its owner shard: forward or suppress.
+    pub async fn claim(&self, txid: &[u8]) -> Result<Verdict, EngineError> {
+        check_len(txid, self.txid_len)?;
+        let txid = txid.to_vec();
+        self.run_on(self.owner(&txid), move |s| async move {
+            s.txids.claim(&txid).await
+        })
+        .await
+    }
+
+    /// [`Engine::claim`] for plain threads: blocks until the verdict.
+    pub fn claim_blocking(&self, txid: &[u8]) -> Result<Verdict, EngineError> {
+        futures_lite::future::block_on(self.claim(txid))
+    }
+
+    /// Runs a backend op on the owner shard of `route_key`.
+    pub async fn op(&self, route_key: &[u8], op: Op) -> Result<Reply, EngineError> {
+        self.run_on(self.owner(route_key), move |s| async move {
+            s.op_here(op).await
+        })
+        .await?
+    }
+
+    /// [`Engine::op`] for plain threads.
+    pub fn op_blocking(&self, route_key: &[u8], op: Op) -> Result<Reply, EngineError> {
+        futures_lite::future::block_on(self.op(route_key, op))
+    }
+
+    /// Stops every shard (in-flight jobs get a bounded grace) and joins them.
+    pub fn shutdown(mut self) -> Result<(), EngineError> {
+        match self.stop().into_iter().next() {
+            None => Ok(()),
+            Some((shard, reason)) => Err(EngineError::Start {
+                shard,
+                core: self.cores[shard],
+                reason,
+            }),
+        }
+    }
+
+    /// Stops and joins; returns the errors shard threads ended with.
+    fn stop(&mut self) -> Vec<(usize, String)> {
+        for inbox in &self.inboxes {
+            let _ = inbox.send(Msg::Stop);
+        }
+        let threads = std::mem::take(self.threads.get_mut().expect("no poisoning: never locked across a panic"));
+        let mut errors = Vec::new();
+        for (i, h) in threads.into_iter().enumerate() {
+            if let Err(e) = h.join() {
+                errors.push((i, e.to_string()));
+            }
+        }
+        errors
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn run_shard(
+    index: usize,
+    core: usize,
+    shards: usize,
+    config: EngineConfig,
+    peers: Vec<flume::Sender<Msg>>,
+    inbox: flume::Receiver<Msg>,
+    ready: std::sync::mpsc::Sender<(usize, Result<(), String>)>,
+) {
+    let built = async {
+        let backend = match &config.backend {
+            Some(b) => Some(Rc::new(b.connect_shard(index, shards).await?)),
+            None => None,
+        };
+        let txids = TxIdSet::new(&config.txidset, index, backend.clone())?;
+        let frames = match &backend {
+            Some(b) => Some(FrameStore::new(
+                Some(b.clone()),
+                &config.frame_prefix,
+                config.frame_ttl,
+            )?),
+            None => None,
+        };
+        Ok::<_, EngineError>(Rc::new(Shard {
+            index,
+            core,
+            shards,
+            partitioned: config.backend.as_ref().is_some_and(Backend::partitioned_by_shard),
+            backend,
+            txids,
+            frames,
+            peers,
+        }))
+    }
+    .await;
+    let shard = match built {
+        Ok(s) => {
+            let _ = ready.send((index, Ok(())));
+            s
+        }
+        Err(e) => {
+            let _ = ready.send((index, Err(e.to_string())));
+            return;
+        }
+    };
+    drop(ready);
+
+    let upkeep = shard.clone();
+    glommio::spawn_local(async move {
+        loop {
+            glommio::timer::sleep(MAINTENANCE_INTERVAL).await;
+            upkeep.txids.sweep(TIER1_SWEEP_BUDGET);
+            if let Some(b) = &upkeep.backend {
+                b.maintain();
+            }
+        }
+    })
+    .detach();
+
+    let jobs = Rc::new(glommio::sync::Semaphore::new(config.jobs_max.max(1) as u64));
+    while let Ok(Msg::Job(job)) = inbox.recv_async().await {
+        let Ok(permit) = jobs.acquire_static_permit(1).await else {
+            break;
+        };
+        let s = shard.clone();
+        glommio::spawn_local(async move {
+            job(s).await;
+            drop(permit);
+        })
+        .detach();
+    }
+    // Stop: let running jobs finish, bounded by a grace period past which
+    // they are dropped (their callers see ShardStopped).
+    let all = config.jobs_max.max(1) as u64;
+    let grace = Duration::from_secs(1);
+    let _ = glommio::timer::timeout(grace, jobs.acquire(all)).await;
+    if let Some(b) = &shard.backend {
+        b.close();
+    }
+}
+
+/// Runs `fut` to completion on a fresh, unpinned executor on this thread,
+/// sized like the engine's (small io_uring memory). For tools and tests.
+pub fn run_local<T>(fut: impl Future<Output = T>) -> T {
+    LocalExecutorBuilder::new(Placement::Unbound)
+        .io_memory(IO_MEMORY_BYTES)
+        .make()
+        .expect("building a glommio executor (is RLIMIT_MEMLOCK at least 512 KiB?)")
+        .run(fut)
+}

@@ -1,0 +1,186 @@
+//! The retry endpoint's frame store: raw frames under `prefix ‖ HashKey ‖
+//! SeqNum`, served on NACK, with retransmissions deduplicated.
+//!
+//! Like dedup, it never blocks forwarding on the store: a failed `get` is a
+//! miss, a failed `put` is a frame not kept, a failed dedup check lets the
+//! frame through. Each is counted. It needs a store, so `none` is refused.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::Duration;
+
+use crate::cache::ShardBackend;
+
+/// Why a frame store could not be built.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameStoreError {
+    #[error(
+        "the frame store needs a backend to keep frames in; backend 'none' has none: choose memory, redis or aerospike"
+    )]
+    NoBackend,
+}
+
+/// Frame store outcomes, summed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FrameCounters {
+    pub puts: u64,
+    pub put_errors: u64,
+    pub hits: u64,
+    pub misses: u64,
+    /// `get`s that failed and were answered as misses.
+    pub get_errors: u64,
+    pub retransmissions: u64,
+    /// Dedup checks that failed and let the frame through.
+    pub dedup_errors: u64,
+}
+
+/// One shard's frame store over its backend.
+pub struct FrameStore {
+    backend: Rc<ShardBackend>,
+    prefix: Vec<u8>,
+    ttl: Duration,
+    counters: Cell<FrameCounters>,
+}
+
+impl FrameStore {
+    /// A store keeping frames for `ttl` under `prefix`; `None` (backend
+    /// `none`) is refused.
+    pub fn new(
+        backend: Option<Rc<ShardBackend>>,
+        prefix: &[u8],
+        ttl: Duration,
+    ) -> Result<Self, FrameStoreError> {
+        Ok(Self {
+            backend: backend.ok_or(FrameStoreError::NoBackend)?,
+            prefix: prefix.to_vec(),
+            ttl,
+            counters: Cell::default(),
+        })
+    }
+
+    fn key(&self, hash_key: &[u8], seq: u64) -> Vec<u8> {
+        let mut k = Vec::with_capacity(self.prefix.len() + hash_key.len() + 8);
+        k.extend_from_slice(&self.prefix);
+        k.extend_from_slice(hash_key);
+        k.extend_from_slice(&seq.to_be_bytes());
+        k
+    }
+
+    fn count(&self, f: impl FnOnce(&mut FrameCounters)) {
+        let mut c = self.counters.get();
+        f(&mut c);
+        self.counters.set(c);
+    }
+
+    /// Counters so far.
+    pub fn counters(&self) -> FrameCounters {
+        self.counters.get()
+    }
+
+    /// Keeps `frame` for later NACKs; returns whether it was stored.
+    pub async fn put(&self, hash_key: &[u8], seq: u64, frame: &[u8]) -> bool {
+        match self.backend.set(&self.key(hash_key, seq), frame, self.ttl).await {
+            Ok(()) => {
+                self.count(|c| c.puts += 1);
+                true
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "frame put failed");
+                self.count(|c| c.put_errors += 1);
+                false
+            }
+        }
+    }
+
+    /// The frame for a NACK, or `None` when missing, expired or unreachable.
+    pub async fn get(&self, hash_key: &[u8], seq: u64) -> Option<Vec<u8>> {
+        match self.backend.get(&self.key(hash_key, seq)).await {
+            Ok(Some(f)) => {
+                self.count(|c| c.hits += 1);
+                Some(f)
+            }
+            Ok(None) => {
+                self.count(|c| c.misses += 1);
+                None
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "frame get failed: counted as a miss");
+                self.count(|c| {
+                    c.misses += 1;
+                    c.get_errors += 1;
+                });
+                None
+            }
+        }
+    }
+
+    /// Whether this is the first sighting of `(hash_key, seq)`: false for a
+    /// retransmission. Fails open (true) when the store errs.
+    pub async fn first_sighting(&self, hash_key: &[u8], seq: u64) -> bool {
+        let mut key = self.key(hash_key, seq);
+        key.extend_from_slice(b":seen");
+        match self.backend.set_nx(&key, b"1", self.ttl).await {
+            Ok(true) => true,
+            Ok(false) => {
+                self.count(|c| c.retransmissions += 1);
+                false
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "frame dedup failed: letting it through");
+                self.count(|c| c.dedup_errors += 1);
+                true
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::fault::{FaultBackend, FaultMode};
+    use crate::cache::memory::MemoryBackend;
+    use crate::cache::Backend;
+
+    fn run<T>(f: impl std::future::Future<Output = T>) -> T {
+        futures_lite::future::block_on(f)
+    }
+
+    #[test]
+    fn refuses_the_none_backend() {
+        let e = FrameStore::new(None, b"f:", Duration::from_secs(1)).err().unwrap();
+        assert_eq!(e, FrameStoreError::NoBackend);
+        assert!(e.to_string().contains("'none'"));
+    }
+
+    #[test]
+    fn put_get_and_retransmission_dedup() {
+        let b = Rc::new(ShardBackend::Memory(MemoryBackend::new(0).shard(0, 1)));
+        let fs = FrameStore::new(Some(b), b"f:", Duration::from_secs(60)).unwrap();
+        assert!(run(fs.put(b"hash", 1, b"frame-1")));
+        assert_eq!(run(fs.get(b"hash", 1)).as_deref(), Some(&b"frame-1"[..]));
+        assert_eq!(run(fs.get(b"hash", 2)), None);
+        assert!(run(fs.first_sighting(b"hash", 1)));
+        assert!(!run(fs.first_sighting(b"hash", 1)));
+        let c = fs.counters();
+        assert_eq!((c.puts, c.hits, c.misses, c.retransmissions), (1, 1, 1, 1));
+    }
+
+    #[test]
+    fn store_errors_count_as_misses_and_dedup_fails_open() {
+        crate::engine::run_local(store_errors_body());
+    }
+
+    async fn store_errors_body() {
+        let fault = FaultBackend::new(Duration::from_millis(5));
+        let b = Backend::Fault(fault.clone()).connect_shard(0, 1).await.unwrap();
+        let fs = FrameStore::new(Some(Rc::new(b)), b"f:", Duration::from_secs(60)).unwrap();
+        assert!(fs.put(b"h", 1, b"x").await);
+        fault.set_mode(FaultMode::Error);
+        assert_eq!(fs.get(b"h", 1).await, None);
+        assert!(!fs.put(b"h", 2, b"y").await);
+        assert!(fs.first_sighting(b"h", 1).await);
+        assert!(fs.first_sighting(b"h", 1).await);
+        let c = fs.counters();
+        assert_eq!((c.get_errors, c.misses, c.put_errors, c.dedup_errors), (1, 1, 1, 2));
+    }
+}

@@ -1,0 +1,488 @@
+//! Two-tier dedup: "forward or suppress" for one TxID, on its owner shard.
+//!
+//! 1. Tier-1 hit → suppress (seen): nanoseconds, no I/O.
+//! 2. Already being claimed on this shard → suppress (pending): single-flight,
+//!    at most one `set_nx` per TxID per process in flight.
+//! 3. Otherwise `set_nx(prefix ‖ txid, claimant, ttl)` on the shard's own
+//!    backend: created → forward (won); exists → suppress (lost); any error or
+//!    timeout → forward (fail-open), counted. The outcome enters tier-1 either
+//!    way, so later copies stop at step 1.
+//!
+//! The stored value names the claimant, `instance:shard:counter`, unique per
+//! claim: a backend that can echo the value back can tell its own earlier
+//! write from a rival's.
+
+use std::cell::{Cell, RefCell};
+use std::io::Write;
+use std::rc::Rc;
+use std::time::Duration;
+
+use crate::cache::ShardBackend;
+use crate::clock;
+use crate::tier1::{Tier1, Tier1Error};
+
+/// Longest key prefix; keys are built on the stack.
+pub const KEY_PREFIX_MAX: usize = 64;
+/// Longest instance id; values are built on the stack.
+pub const INSTANCE_ID_MAX: usize = 40;
+const KEY_MAX: usize = KEY_PREFIX_MAX + crate::route::TXID_LEN_MAX;
+const VALUE_MAX: usize = INSTANCE_ID_MAX + 2 * 21;
+
+/// How one shard's TxID set is built.
+#[derive(Debug, Clone)]
+pub struct TxIdSetConfig {
+    /// Length of every TxID, bytes (1..=64).
+    pub txid_len: usize,
+    /// Tier-1 bound, entries per shard.
+    pub tier1_capacity: usize,
+    /// How long a TxID stays claimed, in tier-1 and in the backend.
+    pub ttl: Duration,
+    /// Namespaces the backend keys (`prefix ‖ txid`).
+    pub key_prefix: Vec<u8>,
+    /// Names this process in stored values (≤ 40 bytes).
+    pub instance_id: String,
+    /// Bound on TxIDs being claimed at once per shard; past it a novel TxID
+    /// fails open at once rather than queueing.
+    pub pending_max: usize,
+}
+
+impl Default for TxIdSetConfig {
+    fn default() -> Self {
+        Self {
+            txid_len: 16,
+            tier1_capacity: 1 << 20,
+            ttl: Duration::from_secs(60),
+            key_prefix: b"txgate:".to_vec(),
+            instance_id: default_instance_id(),
+            pending_max: 4096,
+        }
+    }
+}
+
+/// `hostname-pid`, trimmed to [`INSTANCE_ID_MAX`].
+pub fn default_instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "txgate".into());
+    let mut id = format!("{host}-{}", std::process::id());
+    if id.len() > INSTANCE_ID_MAX {
+        let cut = id.len() - INSTANCE_ID_MAX;
+        id.drain(..cut);
+    }
+    id
+}
+
+/// Why a TxID set could not be built.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TxIdSetError {
+    #[error(transparent)]
+    Tier1(#[from] Tier1Error),
+    #[error("TxID length {0} is out of range: 1..={max} bytes", max = crate::route::TXID_LEN_MAX)]
+    TxIdLen(usize),
+    #[error("key prefix is {0} bytes: at most {KEY_PREFIX_MAX}")]
+    KeyPrefix(usize),
+    #[error("instance id '{0}' is too long: at most {INSTANCE_ID_MAX} bytes")]
+    InstanceId(String),
+    #[error("pending bound must be at least 1")]
+    PendingMax,
+}
+
+/// Why a claim forwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forward {
+    /// This instance created the claim (or, with no backend, saw it first).
+    Won,
+    /// The backend failed or timed out, or too many claims were pending:
+    /// forward rather than risk losing the packet.
+    FailOpen,
+}
+
+/// Why a claim suppresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Suppress {
+    /// Tier-1 had it.
+    Seen,
+    /// Another claimant created it first.
+    Lost,
+    /// A claim of the same TxID is in flight on this shard.
+    Pending,
+}
+
+/// The answer for one copy of a TxID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Forward(Forward),
+    Suppress(Suppress),
+}
+
+impl Verdict {
+    /// Whether the packet goes out.
+    pub fn is_forward(self) -> bool {
+        matches!(self, Self::Forward(_))
+    }
+}
+
+/// Claim outcomes, summed; `Copy` so shards can hand out snapshots.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClaimCounters {
+    pub won: u64,
+    pub fail_open: u64,
+    pub seen: u64,
+    pub lost: u64,
+    pub pending: u64,
+    /// Backend errors, timeouts included.
+    pub backend_errors: u64,
+    pub backend_timeouts: u64,
+    /// Novel claims that failed open because `pending_max` claims were in flight.
+    pub pending_full: u64,
+    /// `set_nx` calls issued.
+    pub backend_calls: u64,
+}
+
+impl ClaimCounters {
+    /// Every claim answered.
+    pub fn claims(&self) -> u64 {
+        self.won + self.fail_open + self.seen + self.lost + self.pending
+    }
+
+    /// Adds `other` into `self` (for totals over shards).
+    pub fn add(&mut self, o: &ClaimCounters) {
+        self.won += o.won;
+        self.fail_open += o.fail_open;
+        self.seen += o.seen;
+        self.lost += o.lost;
+        self.pending += o.pending;
+        self.backend_errors += o.backend_errors;
+        self.backend_timeouts += o.backend_timeouts;
+        self.pending_full += o.pending_full;
+        self.backend_calls += o.backend_calls;
+    }
+}
+
+/// One shard's TxID set. `!Send`: it lives on its shard.
+pub struct TxIdSet {
+    shard: usize,
+    txid_len: usize,
+    ttl: Duration,
+    key_prefix: Vec<u8>,
+    instance_id: String,
+    tier1: RefCell<Tier1>,
+    pending: RefCell<Pending>,
+    backend: RefCell<Option<Rc<ShardBackend>>>,
+    claim_seq: Cell<u64>,
+    counters: Cell<ClaimCounters>,
+}
+
+impl TxIdSet {
+    /// Builds shard `shard`'s set; `backend` is `None` for tier-1 only.
+    pub fn new(
+        config: &TxIdSetConfig,
+        shard: usize,
+        backend: Option<Rc<ShardBackend>>,
+    ) -> Result<Self, TxIdSetError> {
+        if config.txid_len == 0 || config.txid_len > crate::route::TXID_LEN_MAX {
+            return Err(TxIdSetError::TxIdLen(config.txid_len));
+        }
+        if config.key_prefix.len() > KEY_PREFIX_MAX {
+            return Err(TxIdSetError::KeyPrefix(config.key_prefix.len()));
+        }
+        if config.instance_id.len() > INSTANCE_ID_MAX {
+            return Err(TxIdSetError::InstanceId(config.instance_id.clone()));
+        }
+        if config.pending_max == 0 {
+            return Err(TxIdSetError::PendingMax);
+        }
+        Ok(Self {
+            shard,
+            txid_len: config.txid_len,
+            ttl: config.ttl,
+            key_prefix: config.key_prefix.clone(),
+            instance_id: config.instance_id.clone(),
+            tier1: RefCell::new(Tier1::new(
+                config.tier1_capacity,
+                config.txid_len,
+                config.ttl,
+            )?),
+            pending: RefCell::new(Pending::new(config.pending_max, config.txid_len)),
+            backend: RefCell::new(backend),
+            claim_seq: Cell::new(0),
+            counters: Cell::new(ClaimCounters::default()),
+        })
+    }
+
+    /// The TxID length every claim must have.
+    pub fn txid_len(&self) -> usize {
+        self.txid_len
+    }
+
+    /// Swaps the backend (fail-open boot upgrading to a real store, or
+    /// dropping to tier-1 only). Claims in flight finish on the old one.
+    pub fn set_backend(&self, backend: Option<Rc<ShardBackend>>) {
+        *self.backend.borrow_mut() = backend;
+    }
+
+    /// Counters so far.
+    pub fn counters(&self) -> ClaimCounters {
+        self.counters.get()
+    }
+
+    /// Entries in tier-1.
+    pub fn tier1_len(&self) -> usize {
+        self.tier1.borrow().len()
+    }
+
+    /// Drops up to `budget` expired tier-1 entries; for the shard's periodic task.
+    pub fn sweep(&self, budget: usize) -> usize {
+        self.tier1
+            .borrow_mut()
+            .sweep(clock::coarse_ms() as u32, budget)
+    }
+
+    fn count(&self, f: impl FnOnce(&mut ClaimCounters)) {
+        let mut c = self.counters.get();
+        f(&mut c);
+        self.counters.set(c);
+    }
+
+    /// Forward or suppress one copy of `txid`. Must run on the TxID's owner
+    /// shard so all copies meet here. Panics if `txid` is not `txid_len` bytes
+    /// (callers check lengths at the edge: the gate counts short packets).
+    pub async fn claim(&self, txid: &[u8]) -> Verdict {
+        assert_eq!(txid.len(), self.txid_len, "TxID length");
+        if self.tier1.borrow().contains(txid, clock::coarse_ms() as u32) {
+            self.count(|c| c.seen += 1);
+            return Verdict::Suppress(Suppress::Seen);
+        }
+        let Some(backend) = self.backend.borrow().clone() else {
+            self.tier1
+                .borrow_mut()
+                .insert(txid, clock::coarse_ms() as u32);
+            self.count(|c| c.won += 1);
+            return Verdict::Forward(Forward::Won);
+        };
+        let slot = match self.pending.borrow_mut().insert(txid) {
+            PendingInsert::Inserted(slot) => slot,
+            PendingInsert::Present => {
+                self.count(|c| c.pending += 1);
+                return Verdict::Suppress(Suppress::Pending);
+            }
+            PendingInsert::Full => {
+                self.remember(txid);
+                self.count(|c| {
+                    c.fail_open += 1;
+                    c.pending_full += 1;
+                });
+                return Verdict::Forward(Forward::FailOpen);
+            }
+        };
+        // Released on every exit, cancellation included.
+        let _pending = PendingGuard {
+            pending: &self.pending,
+            slot,
+        };
+
+        let mut key = [0u8; KEY_MAX];
+        let key_len = self.key_prefix.len() + txid.len();
+        key[..self.key_prefix.len()].copy_from_slice(&self.key_prefix);
+        key[self.key_prefix.len()..key_len].copy_from_slice(txid);
+        let seq = self.claim_seq.get() + 1;
+        self.claim_seq.set(seq);
+        let mut value = [0u8; VALUE_MAX];
+        let value_len = {
+            let mut w = &mut value[..];
+            write!(w, "{}:{}:{}", self.instance_id, self.shard, seq).expect("bounded by VALUE_MAX");
+            VALUE_MAX - w.len()
+        };
+
+        self.count(|c| c.backend_calls += 1);
+        let outcome = backend
+            .set_nx(&key[..key_len], &value[..value_len], self.ttl)
+            .await;
+        self.remember(txid);
+        match outcome {
+            Ok(true) => {
+                self.count(|c| c.won += 1);
+                Verdict::Forward(Forward::Won)
+            }
+            Ok(false) => {
+                self.count(|c| c.lost += 1);
+                Verdict::Suppress(Suppress::Lost)
+            }
+            Err(e) => {
+                tracing::debug!(shard = self.shard, error = %e, "claim fails open");
+                self.count(|c| {
+                    c.fail_open += 1;
+                    c.backend_errors += 1;
+                    c.backend_timeouts += e.is_timeout() as u64;
+                });
+                Verdict::Forward(Forward::FailOpen)
+            }
+        }
+    }
+
+    fn remember(&self, txid: &[u8]) {
+        self.tier1
+            .borrow_mut()
+            .insert(txid, clock::coarse_ms() as u32);
+    }
+}
+
+/// The single-flight table: TxIDs with a claim in flight on this shard.
+/// Fixed-size key slots allocated once; no allocation per claim.
+struct Pending {
+    txid_len: usize,
+    keys: Box<[u8]>,
+    free: Vec<u32>,
+    index: hashbrown::HashTable<u32>,
+    hasher: ahash::RandomState,
+}
+
+enum PendingInsert {
+    Inserted(u32),
+    Present,
+    Full,
+}
+
+impl Pending {
+    fn new(max: usize, txid_len: usize) -> Self {
+        Self {
+            txid_len,
+            keys: vec![0; max * txid_len].into_boxed_slice(),
+            free: (0..max as u32).rev().collect(),
+            index: hashbrown::HashTable::with_capacity(max),
+            hasher: ahash::RandomState::new(),
+        }
+    }
+
+    fn key(&self, slot: u32) -> &[u8] {
+        let at = slot as usize * self.txid_len;
+        &self.keys[at..at + self.txid_len]
+    }
+
+    fn insert(&mut self, txid: &[u8]) -> PendingInsert {
+        let h = self.hasher.hash_one(txid);
+        let Self {
+            keys,
+            index,
+            free,
+            txid_len,
+            ..
+        } = self;
+        let key_at = |slot: u32| {
+            let at = slot as usize * *txid_len;
+            &keys[at..at + *txid_len]
+        };
+        if index.find(h, |&s| key_at(s) == txid).is_some() {
+            return PendingInsert::Present;
+        }
+        let Some(slot) = free.pop() else {
+            return PendingInsert::Full;
+        };
+        let at = slot as usize * *txid_len;
+        keys[at..at + *txid_len].copy_from_slice(txid);
+        let (keys, len) = (&*keys, *txid_len);
+        index.insert_unique(h, slot, |&s| {
+            self.hasher
+                .hash_one(&keys[s as usize * len..(s as usize + 1) * len])
+        });
+        PendingInsert::Inserted(slot)
+    }
+
+    fn remove(&mut self, slot: u32) {
+        let h = self.hasher.hash_one(self.key(slot));
+        if let Ok(e) = self.index.find_entry(h, |&s| s == slot) {
+            e.remove();
+            self.free.push(slot);
+        }
+    }
+}
+
+struct PendingGuard<'a> {
+    pending: &'a RefCell<Pending>,
+    slot: u32,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.pending.borrow_mut().remove(self.slot);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::memory::MemoryBackend;
+
+    fn set(backend: Option<ShardBackend>) -> TxIdSet {
+        let cfg = TxIdSetConfig {
+            tier1_capacity: 1000,
+            pending_max: 4,
+            instance_id: "test".into(),
+            ..Default::default()
+        };
+        TxIdSet::new(&cfg, 0, backend.map(Rc::new)).unwrap()
+    }
+
+    fn run<T>(f: impl std::future::Future<Output = T>) -> T {
+        futures_lite::future::block_on(f)
+    }
+
+    #[test]
+    fn first_copy_wins_and_later_copies_are_seen() {
+        let s = set(Some(ShardBackend::Memory(MemoryBackend::new(0).shard(0, 1))));
+        let id = [7u8; 16];
+        assert_eq!(run(s.claim(&id)), Verdict::Forward(Forward::Won));
+        assert_eq!(run(s.claim(&id)), Verdict::Suppress(Suppress::Seen));
+        let c = s.counters();
+        assert_eq!((c.won, c.seen, c.backend_calls), (1, 1, 1));
+    }
+
+    #[test]
+    fn a_claim_held_by_another_instance_is_lost() {
+        let shard = Rc::new(ShardBackend::Memory(MemoryBackend::new(0).shard(0, 1)));
+        let a = set(None);
+        a.set_backend(Some(shard.clone()));
+        let id = [9u8; 16];
+        let mut key = b"txgate:".to_vec();
+        key.extend(id);
+        assert!(run(shard.set_nx(&key, b"rival", Duration::ZERO)).unwrap());
+        assert_eq!(run(a.claim(&id)), Verdict::Suppress(Suppress::Lost));
+        assert_eq!(run(a.claim(&id)), Verdict::Suppress(Suppress::Seen));
+    }
+
+    #[test]
+    fn stored_value_names_the_claimant_uniquely_per_claim() {
+        let shard = Rc::new(ShardBackend::Memory(MemoryBackend::new(0).shard(0, 1)));
+        let s = set(None);
+        s.set_backend(Some(shard.clone()));
+        run(s.claim(&[1u8; 16]));
+        run(s.claim(&[2u8; 16]));
+        let mut k1 = b"txgate:".to_vec();
+        k1.extend([1u8; 16]);
+        let mut k2 = b"txgate:".to_vec();
+        k2.extend([2u8; 16]);
+        let v1 = run(shard.get(&k1)).unwrap().unwrap();
+        let v2 = run(shard.get(&k2)).unwrap().unwrap();
+        assert_eq!(v1, b"test:0:1");
+        assert_eq!(v2, b"test:0:2");
+    }
+
+    #[test]
+    fn without_a_backend_tier1_alone_decides() {
+        let s = set(None);
+        assert_eq!(run(s.claim(&[3u8; 16])), Verdict::Forward(Forward::Won));
+        assert_eq!(run(s.claim(&[3u8; 16])), Verdict::Suppress(Suppress::Seen));
+    }
+
+    #[test]
+    fn pending_table_reuses_slots_and_reports_full() {
+        let mut p = Pending::new(2, 4);
+        let PendingInsert::Inserted(a) = p.insert(b"aaaa") else { panic!() };
+        assert!(matches!(p.insert(b"aaaa"), PendingInsert::Present));
+        let PendingInsert::Inserted(_) = p.insert(b"bbbb") else { panic!() };
+        assert!(matches!(p.insert(b"cccc"), PendingInsert::Full));
+        p.remove(a);
+        assert!(matches!(p.insert(b"cccc"), PendingInsert::Inserted(_)));
+        assert!(matches!(p.insert(b"aaaa"), PendingInsert::Full));
+    }
+}
