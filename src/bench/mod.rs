@@ -1,3 +1,416 @@
 //! `txgate bench`: the per-core claim latency benchmark.
+//!
+//! Every shard generates its own synthetic TxID stream (only TxIDs it owns, so
+//! no claim crosses cores), claims each one through its TxID set exactly as the
+//! gate would, and records the latency of every claim in one histogram for
+//! duplicates and one for novel TxIDs. `inflight` tasks per shard keep that
+//! many claims outstanding (it matters for network backends).
 
 pub mod report;
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::engine::{Engine, EngineError};
+use crate::route::{TXID_LEN_MAX, route};
+use crate::txidset::{ClaimCounters, Forward, Suppress, Verdict};
+use report::{BenchResult, ShardResult, new_histogram};
+
+/// When a run ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// After this long.
+    Duration(Duration),
+    /// After this many claims over all shards.
+    Claims(u64),
+}
+
+/// What stream to generate and how hard to push it.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub stop: Stop,
+    /// Fraction of claims that repeat an earlier TxID (0..=1).
+    pub duplicate_ratio: f64,
+    /// Most copies of one TxID, the first included (≥ 1).
+    pub copies: u32,
+    /// Claims outstanding per shard.
+    pub inflight: usize,
+    /// Seeds the TxID generator; vary it so runs against a shared store
+    /// never collide with earlier runs' keys.
+    pub seed: u64,
+    /// Print a live progress line (stdout is a terminal).
+    pub progress: bool,
+}
+
+impl Default for BenchConfig {
+    fn default() -> Self {
+        Self {
+            stop: Stop::Duration(Duration::from_secs(10)),
+            duplicate_ratio: 0.9,
+            copies: 16,
+            inflight: 1,
+            seed: 1,
+            progress: false,
+        }
+    }
+}
+
+/// Results plus what the stream really was.
+pub struct BenchOutcome {
+    pub result: BenchResult,
+    /// Claim outcomes summed over shards, from the TxID sets' counters.
+    pub verdicts: ClaimCounters,
+    /// Duplicates the stream generated / all claims.
+    pub duplicate_ratio: f64,
+    /// Duplicates that were forwarded or novel TxIDs that were suppressed:
+    /// 0 on a healthy backend.
+    pub anomalies: u64,
+}
+
+/// Most TxIDs kept for repeating; duplicates are drawn from this window.
+const WINDOW: usize = 4096;
+/// Claims between cooperative yields, so a shard's other tasks (inbox,
+/// maintenance) run even when claims never wait.
+const YIELD_EVERY: u32 = 64;
+
+/// A shard's synthetic stream: TxIDs owned by `shard`, a chosen share of them
+/// repeats of recent ones, each TxID at most `copies` times.
+pub struct Stream {
+    shard: u32,
+    shards: u32,
+    txid_len: usize,
+    rng: u64,
+    dup_ratio: f64,
+    copies: u32,
+    ids: Vec<u8>,
+    left: Vec<u32>,
+    next_slot: usize,
+}
+
+impl Stream {
+    /// A stream for `shard` of `shards`.
+    pub fn new(shard: usize, shards: usize, txid_len: usize, cfg: &BenchConfig) -> Self {
+        assert!((1..=TXID_LEN_MAX).contains(&txid_len));
+        Self {
+            shard: shard as u32,
+            shards: shards as u32,
+            txid_len,
+            rng: cfg.seed ^ (shard as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            dup_ratio: cfg.duplicate_ratio.clamp(0.0, 1.0),
+            copies: cfg.copies.max(1),
+            ids: vec![0; WINDOW * txid_len],
+            left: vec![0; WINDOW],
+            next_slot: 0,
+        }
+    }
+
+    fn rand(&mut self) -> u64 {
+        // splitmix64
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Writes the next TxID into `out` (its first `txid_len` bytes); true
+    /// when it repeats an earlier one.
+    pub fn next_into(&mut self, out: &mut [u8]) -> bool {
+        let n = self.txid_len;
+        let unit = (self.rand() >> 11) as f64 / (1u64 << 53) as f64;
+        let want_dup = unit < self.dup_ratio;
+        if want_dup {
+            let slot = (self.rand() % WINDOW as u64) as usize;
+            if self.left[slot] > 0 {
+                self.left[slot] -= 1;
+                out[..n].copy_from_slice(&self.ids[slot * n..(slot + 1) * n]);
+                return true;
+            }
+        }
+        // A novel TxID owned by this shard: expect `shards` tries; the bound
+        // only guards against a broken route.
+        for _ in 0..self.shards as usize * 64 + 64 {
+            for chunk in out[..n].chunks_mut(8) {
+                let r = self.rand().to_le_bytes();
+                chunk.copy_from_slice(&r[..chunk.len()]);
+            }
+            if route(&out[..n], self.shards) == self.shard {
+                break;
+            }
+        }
+        let slot = self.next_slot;
+        self.next_slot = (slot + 1) % WINDOW;
+        self.ids[slot * n..(slot + 1) * n].copy_from_slice(&out[..n]);
+        self.left[slot] = self.copies - 1;
+        false
+    }
+}
+
+/// Runs the benchmark on every shard of `engine` and gathers the results.
+pub fn run(engine: &Engine, backend: &str, cfg: &BenchConfig) -> Result<BenchOutcome, EngineError> {
+    let shards = engine.shards();
+    let done = Arc::new(AtomicU64::new(0));
+    let finished = Arc::new(AtomicBool::new(false));
+    let progress = cfg.progress.then(|| {
+        let (done, finished, stop) = (done.clone(), finished.clone(), cfg.stop);
+        std::thread::spawn(move || progress_line(&done, &finished, stop))
+    });
+    let started = Instant::now();
+    let cfg2 = cfg.clone();
+    let done2 = done.clone();
+    let per_shard = futures_lite::future::block_on(engine.on_every_shard(move |s| {
+        let (cfg, done) = (cfg2.clone(), done2.clone());
+        async move { run_shard(s, cfg, done).await }
+    }));
+    finished.store(true, Ordering::Relaxed);
+    if let Some(p) = progress {
+        let _ = p.join();
+    }
+    let per_shard = per_shard?;
+    let elapsed_ns = started.elapsed().as_nanos() as u64;
+    let mut verdicts = ClaimCounters::default();
+    let (mut dups, mut anomalies) = (0u64, 0u64);
+    let mut results = Vec::with_capacity(shards);
+    for (r, c, a) in per_shard {
+        verdicts.add(&c);
+        dups += r.duplicate.as_slice().iter().sum::<u64>();
+        anomalies += a;
+        results.push(r);
+    }
+    let claims = verdicts.claims().max(1);
+    Ok(BenchOutcome {
+        result: BenchResult {
+            backend: backend.to_owned(),
+            shards: results,
+            elapsed_ns,
+        },
+        verdicts,
+        duplicate_ratio: dups as f64 / claims as f64,
+        anomalies,
+    })
+}
+
+async fn run_shard(
+    s: Rc<crate::engine::Shard>,
+    cfg: BenchConfig,
+    done: Arc<AtomicU64>,
+) -> (ShardResult, ClaimCounters, u64) {
+    let before = s.txids().counters();
+    let quota = match cfg.stop {
+        Stop::Claims(n) => {
+            let (q, r) = (n / s.shards() as u64, n % s.shards() as u64);
+            q + (s.index() < r as usize) as u64
+        }
+        Stop::Duration(_) => u64::MAX,
+    };
+    let deadline = match cfg.stop {
+        Stop::Duration(d) => Some(Instant::now() + d),
+        Stop::Claims(_) => None,
+    };
+    let txid_len = s.txids().txid_len();
+    let state = Rc::new(ShardRun {
+        stream: RefCell::new(Stream::new(s.index(), s.shards(), txid_len, &cfg)),
+        duplicate: RefCell::new(new_histogram()),
+        novel: RefCell::new(new_histogram()),
+        issued: Cell::new(0),
+        anomalies: Cell::new(0),
+    });
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..cfg.inflight.max(1))
+        .map(|_| {
+            let (s, st, done) = (s.clone(), state.clone(), done.clone());
+            glommio::spawn_local(async move {
+                let mut id = [0u8; TXID_LEN_MAX];
+                let mut since_yield = 0u32;
+                let mut unreported = 0u64;
+                loop {
+                    if st.issued.get() >= quota {
+                        break;
+                    }
+                    st.issued.set(st.issued.get() + 1);
+                    let dup = st.stream.borrow_mut().next_into(&mut id);
+                    let t0 = Instant::now();
+                    let v = s.txids().claim(&id[..txid_len]).await;
+                    let t1 = Instant::now();
+                    let ns = (t1 - t0).as_nanos() as u64;
+                    let h = if dup { &st.duplicate } else { &st.novel };
+                    let _ = h.borrow_mut().increment(ns);
+                    st.anomalies
+                        .set(st.anomalies.get() + is_anomaly(dup, v) as u64);
+                    unreported += 1;
+                    if unreported == 1024 {
+                        done.fetch_add(unreported, Ordering::Relaxed);
+                        unreported = 0;
+                    }
+                    if deadline.is_some_and(|d| t1 >= d) {
+                        break;
+                    }
+                    since_yield += 1;
+                    if since_yield == YIELD_EVERY {
+                        since_yield = 0;
+                        glommio::yield_if_needed().await;
+                    }
+                }
+                done.fetch_add(unreported, Ordering::Relaxed);
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await;
+    }
+    let elapsed_ns = started.elapsed().as_nanos() as u64;
+    let after = s.txids().counters();
+    let state = Rc::try_unwrap(state).ok().expect("all tasks joined");
+    (
+        ShardResult {
+            shard: s.index(),
+            core: s.core(),
+            elapsed_ns,
+            duplicate: state.duplicate.into_inner(),
+            novel: state.novel.into_inner(),
+        },
+        diff(&after, &before),
+        state.anomalies.get(),
+    )
+}
+
+struct ShardRun {
+    stream: RefCell<Stream>,
+    duplicate: RefCell<histogram::Histogram>,
+    novel: RefCell<histogram::Histogram>,
+    issued: Cell<u64>,
+    anomalies: Cell<u64>,
+}
+
+/// A duplicate that went out, or a novel TxID that did not (fail-open
+/// forwards of duplicates are the backend's fault, counted apart).
+fn is_anomaly(dup: bool, v: Verdict) -> bool {
+    match (dup, v) {
+        (true, Verdict::Forward(Forward::Won)) => true,
+        (false, Verdict::Suppress(Suppress::Seen | Suppress::Lost)) => true,
+        _ => false,
+    }
+}
+
+fn diff(a: &ClaimCounters, b: &ClaimCounters) -> ClaimCounters {
+    ClaimCounters {
+        won: a.won - b.won,
+        fail_open: a.fail_open - b.fail_open,
+        seen: a.seen - b.seen,
+        lost: a.lost - b.lost,
+        pending: a.pending - b.pending,
+        backend_errors: a.backend_errors - b.backend_errors,
+        backend_timeouts: a.backend_timeouts - b.backend_timeouts,
+        pending_full: a.pending_full - b.pending_full,
+        backend_calls: a.backend_calls - b.backend_calls,
+    }
+}
+
+fn progress_line(done: &AtomicU64, finished: &AtomicBool, stop: Stop) {
+    use std::io::Write;
+    let start = Instant::now();
+    let mut last = (start, 0u64);
+    // Bounded: the run ends by duration or count; this loop ends with it.
+    while !finished.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(250));
+        let now = Instant::now();
+        if now - last.0 < Duration::from_secs(1) {
+            continue;
+        }
+        let n = done.load(Ordering::Relaxed);
+        let rate = (n - last.1) as f64 / (now - last.0).as_secs_f64();
+        let of = match stop {
+            Stop::Duration(d) => format!("{:.0}/{:.0}s", (now - start).as_secs_f64(), d.as_secs_f64()),
+            Stop::Claims(c) => format!("{n}/{c} claims"),
+        };
+        print!("\r  {of}  {n} claims  {:.0} claims/s    ", rate);
+        let _ = std::io::stdout().flush();
+        last = (now, n);
+    }
+    print!("\r{:60}\r", "");
+    let _ = std::io::stdout().flush();
+}
+
+/// The report's JSON plus what the stream and the verdicts were.
+pub fn outcome_json(o: &BenchOutcome, cfg: &BenchConfig) -> String {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&report::render_json(&o.result)).expect("report renders valid JSON");
+    let c = &o.verdicts;
+    v["settings"] = serde_json::json!({
+        "duplicate_ratio_requested": cfg.duplicate_ratio,
+        "duplicate_ratio": o.duplicate_ratio,
+        "copies": cfg.copies,
+        "inflight": cfg.inflight,
+        "seed": cfg.seed,
+    });
+    v["verdicts"] = serde_json::json!({
+        "won": c.won, "fail_open": c.fail_open, "seen": c.seen, "lost": c.lost,
+        "pending": c.pending, "backend_errors": c.backend_errors,
+        "backend_timeouts": c.backend_timeouts, "anomalies": o.anomalies,
+    });
+    serde_json::to_string_pretty(&v).expect("serializable")
+}
+
+/// One line on what happened to the claims.
+pub fn verdict_line(o: &BenchOutcome) -> String {
+    let c = &o.verdicts;
+    format!(
+        "verdicts: forwarded {} (won {}, fail-open {}), suppressed {} (seen {}, lost {}, pending {}); duplicates {:.1}% of claims; anomalies {}",
+        c.won + c.fail_open,
+        c.won,
+        c.fail_open,
+        c.seen + c.lost + c.pending,
+        c.seen,
+        c.lost,
+        c.pending,
+        o.duplicate_ratio * 100.0,
+        o.anomalies
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_yields_owned_txids_at_about_the_requested_duplicate_ratio() {
+        let cfg = BenchConfig {
+            duplicate_ratio: 0.5,
+            copies: 1000,
+            ..Default::default()
+        };
+        let mut s = Stream::new(2, 4, 16, &cfg);
+        let mut id = [0u8; TXID_LEN_MAX];
+        let mut dups = 0;
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..100_000 {
+            let dup = s.next_into(&mut id);
+            assert_eq!(route(&id[..16], 4), 2);
+            assert_eq!(dup, !seen.insert(id[..16].to_vec()), "duplicate flag matches history");
+            dups += dup as u32;
+        }
+        let ratio = dups as f64 / 100_000.0;
+        assert!((0.45..0.55).contains(&ratio), "{ratio}");
+    }
+
+    #[test]
+    fn copies_bound_repeats_of_one_txid() {
+        let cfg = BenchConfig {
+            duplicate_ratio: 1.0,
+            copies: 3,
+            ..Default::default()
+        };
+        let mut s = Stream::new(0, 1, 8, &cfg);
+        let mut id = [0u8; TXID_LEN_MAX];
+        let mut counts = std::collections::HashMap::new();
+        for _ in 0..50_000 {
+            s.next_into(&mut id);
+            *counts.entry(id[..8].to_vec()).or_insert(0u32) += 1;
+        }
+        assert!(counts.values().all(|&n| n <= 3));
+        assert!(counts.values().any(|&n| n == 3));
+    }
+}
