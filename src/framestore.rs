@@ -79,7 +79,11 @@ impl FrameStore {
 
     /// Keeps `frame` for later NACKs; returns whether it was stored.
     pub async fn put(&self, hash_key: &[u8], seq: u64, frame: &[u8]) -> bool {
-        match self.backend.set(&self.key(hash_key, seq), frame, self.ttl).await {
+        match self
+            .backend
+            .set(&self.key(hash_key, seq), frame, self.ttl)
+            .await
+        {
             Ok(()) => {
                 self.count(|c| c.puts += 1);
                 true
@@ -137,9 +141,9 @@ impl FrameStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::Backend;
     use crate::cache::fault::{FaultBackend, FaultMode};
     use crate::cache::memory::MemoryBackend;
-    use crate::cache::Backend;
 
     fn run<T>(f: impl std::future::Future<Output = T>) -> T {
         futures_lite::future::block_on(f)
@@ -147,7 +151,9 @@ mod tests {
 
     #[test]
     fn refuses_the_none_backend() {
-        let e = FrameStore::new(None, b"f:", Duration::from_secs(1)).err().unwrap();
+        let e = FrameStore::new(None, b"f:", Duration::from_secs(1))
+            .err()
+            .unwrap();
         assert_eq!(e, FrameStoreError::NoBackend);
         assert!(e.to_string().contains("'none'"));
     }
@@ -172,7 +178,10 @@ mod tests {
 
     async fn store_errors_body() {
         let fault = FaultBackend::new(Duration::from_millis(5));
-        let b = Backend::Fault(fault.clone()).connect_shard(0, 1).await.unwrap();
+        let b = Backend::Fault(fault.clone())
+            .connect_shard(0, 1)
+            .await
+            .unwrap();
         let fs = FrameStore::new(Some(Rc::new(b)), b"f:", Duration::from_secs(60)).unwrap();
         assert!(fs.put(b"h", 1, b"x").await);
         fault.set_mode(FaultMode::Error);
@@ -181,6 +190,9 @@ mod tests {
         assert!(fs.first_sighting(b"h", 1).await);
         assert!(fs.first_sighting(b"h", 1).await);
         let c = fs.counters();
-        assert_eq!((c.get_errors, c.misses, c.put_errors, c.dedup_errors), (1, 1, 1, 2));
+        assert_eq!(
+            (c.get_errors, c.misses, c.put_errors, c.dedup_errors),
+            (1, 1, 1, 2)
+        );
     }
 }

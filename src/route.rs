@@ -71,22 +71,22 @@ pub struct SockFilter {
 /// Classic-BPF opcodes used by [`bpf_program`] (values from `linux/filter.h`).
 pub mod op {
     pub const LD_IMM: u16 = 0x00; // BPF_LD | BPF_W | BPF_IMM
-    pub const LD_W_ABS: u16 = 0x00 | 0x00 | 0x20; // BPF_LD | BPF_W | BPF_ABS
-    pub const LD_H_ABS: u16 = 0x00 | 0x08 | 0x20; // BPF_LD | BPF_H | BPF_ABS
-    pub const LD_B_ABS: u16 = 0x00 | 0x10 | 0x20; // BPF_LD | BPF_B | BPF_ABS
-    pub const LD_W_LEN: u16 = 0x00 | 0x00 | 0x80; // BPF_LD | BPF_W | BPF_LEN
-    pub const LDX_MEM: u16 = 0x01 | 0x60; // BPF_LDX | BPF_MEM
+    pub const LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    pub const LD_H_ABS: u16 = 0x28; // BPF_LD | BPF_H | BPF_ABS
+    pub const LD_B_ABS: u16 = 0x30; // BPF_LD | BPF_B | BPF_ABS
+    pub const LD_W_LEN: u16 = 0x80; // BPF_LD | BPF_W | BPF_LEN
+    pub const LDX_MEM: u16 = 0x61; // BPF_LDX | BPF_W | BPF_MEM
     pub const ST: u16 = 0x02; // BPF_ST
-    pub const ALU_XOR_K: u16 = 0x04 | 0xa0; // BPF_ALU | BPF_XOR | BPF_K
-    pub const ALU_XOR_X: u16 = 0x04 | 0xa0 | 0x08;
-    pub const ALU_OR_X: u16 = 0x04 | 0x40 | 0x08;
-    pub const ALU_MUL_K: u16 = 0x04 | 0x20;
-    pub const ALU_RSH_K: u16 = 0x04 | 0x70;
-    pub const ALU_LSH_K: u16 = 0x04 | 0x60;
-    pub const ALU_MOD_K: u16 = 0x04 | 0x90;
-    pub const JGE_K: u16 = 0x05 | 0x30; // BPF_JMP | BPF_JGE | BPF_K
+    pub const ALU_XOR_K: u16 = 0xa4; // BPF_ALU | BPF_XOR | BPF_K
+    pub const ALU_XOR_X: u16 = 0xac; // BPF_ALU | BPF_XOR | BPF_X
+    pub const ALU_OR_X: u16 = 0x4c; // BPF_ALU | BPF_OR | BPF_X
+    pub const ALU_MUL_K: u16 = 0x24; // BPF_ALU | BPF_MUL | BPF_K
+    pub const ALU_RSH_K: u16 = 0x74; // BPF_ALU | BPF_RSH | BPF_K
+    pub const ALU_LSH_K: u16 = 0x64; // BPF_ALU | BPF_LSH | BPF_K
+    pub const ALU_MOD_K: u16 = 0x94; // BPF_ALU | BPF_MOD | BPF_K
+    pub const JGE_K: u16 = 0x35; // BPF_JMP | BPF_JGE | BPF_K
     pub const TAX: u16 = 0x07; // BPF_MISC | BPF_TAX
-    pub const RET_A: u16 = 0x06 | 0x10; // BPF_RET | BPF_A
+    pub const RET_A: u16 = 0x16; // BPF_RET | BPF_A
     pub const RET_K: u16 = 0x06; // BPF_RET | BPF_K
 }
 

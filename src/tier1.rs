@@ -211,7 +211,11 @@ impl Tier1 {
 
     #[inline]
     fn wrap(&self, pos: usize) -> usize {
-        if pos >= self.buckets { pos - self.buckets } else { pos }
+        if pos >= self.buckets {
+            pos - self.buckets
+        } else {
+            pos
+        }
     }
 
     fn set_tag(&mut self, pos: usize, tag: u8) {
@@ -305,7 +309,11 @@ impl Tier1 {
     }
 
     fn next_slot(&self, slot: usize) -> usize {
-        if slot + 1 == self.ring.len() { 0 } else { slot + 1 }
+        if slot + 1 == self.ring.len() {
+            0
+        } else {
+            slot + 1
+        }
     }
 
     /// Empties bucket `pos`, shifting later entries of its cluster back so
@@ -328,7 +336,8 @@ impl Tier1 {
             let d_j = (j + n - home) % n;
             if d_hole < d_j {
                 let slot = self.slot_at(j);
-                self.table.copy_within(e..e + self.stride, hole * self.stride);
+                self.table
+                    .copy_within(e..e + self.stride, hole * self.stride);
                 self.set_tag(hole, tag);
                 self.ring[slot as usize] = hole as u32;
                 hole = j;
@@ -544,7 +553,9 @@ mod tests {
             let mut s = 1u64;
             let mut now = 0u32;
             for _ in 0..200_000 {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 let r = (s >> 33) as usize;
                 let k: Vec<u8> = key((r % (cap * 3)) as u64)
                     .iter()
@@ -575,7 +586,11 @@ mod tests {
                             if ring.len() == cap {
                                 ring.pop_front();
                             }
-                            ring.push_back(Slot { key: k.clone(), born: now, dead: false });
+                            ring.push_back(Slot {
+                                key: k.clone(),
+                                born: now,
+                                dead: false,
+                            });
                         }
                     }
                     _ => {

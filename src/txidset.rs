@@ -249,7 +249,11 @@ impl TxIdSet {
     /// (callers check lengths at the edge: the gate counts short packets).
     pub async fn claim(&self, txid: &[u8]) -> Verdict {
         assert_eq!(txid.len(), self.txid_len, "TxID length");
-        if self.tier1.borrow().contains(txid, clock::coarse_ms() as u32) {
+        if self
+            .tier1
+            .borrow()
+            .contains(txid, clock::coarse_ms() as u32)
+        {
             self.count(|c| c.seen += 1);
             return Verdict::Suppress(Suppress::Seen);
         }
@@ -429,7 +433,9 @@ mod tests {
 
     #[test]
     fn first_copy_wins_and_later_copies_are_seen() {
-        let s = set(Some(ShardBackend::Memory(MemoryBackend::new(0).shard(0, 1))));
+        let s = set(Some(ShardBackend::Memory(
+            MemoryBackend::new(0).shard(0, 1),
+        )));
         let id = [7u8; 16];
         assert_eq!(run(s.claim(&id)), Verdict::Forward(Forward::Won));
         assert_eq!(run(s.claim(&id)), Verdict::Suppress(Suppress::Seen));
@@ -477,9 +483,13 @@ mod tests {
     #[test]
     fn pending_table_reuses_slots_and_reports_full() {
         let mut p = Pending::new(2, 4);
-        let PendingInsert::Inserted(a) = p.insert(b"aaaa") else { panic!() };
+        let PendingInsert::Inserted(a) = p.insert(b"aaaa") else {
+            panic!()
+        };
         assert!(matches!(p.insert(b"aaaa"), PendingInsert::Present));
-        let PendingInsert::Inserted(_) = p.insert(b"bbbb") else { panic!() };
+        let PendingInsert::Inserted(_) = p.insert(b"bbbb") else {
+            panic!()
+        };
         assert!(matches!(p.insert(b"cccc"), PendingInsert::Full));
         p.remove(a);
         assert!(matches!(p.insert(b"cccc"), PendingInsert::Inserted(_)));

@@ -31,7 +31,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         }
     };
     let ns = n * unit_ns;
-    if !ns.is_finite() || ns < 0.0 || ns > 1e18 {
+    if !ns.is_finite() || !(0.0..=1e18).contains(&ns) {
         return Err(format!("'{s}' is out of range"));
     }
     Ok(Duration::from_nanos(ns.round() as u64))

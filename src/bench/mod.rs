@@ -288,11 +288,11 @@ struct ShardRun {
 /// A duplicate that went out, or a novel TxID that did not (fail-open
 /// forwards of duplicates are the backend's fault, counted apart).
 fn is_anomaly(dup: bool, v: Verdict) -> bool {
-    match (dup, v) {
-        (true, Verdict::Forward(Forward::Won)) => true,
-        (false, Verdict::Suppress(Suppress::Seen | Suppress::Lost)) => true,
-        _ => false,
-    }
+    matches!(
+        (dup, v),
+        (true, Verdict::Forward(Forward::Won))
+            | (false, Verdict::Suppress(Suppress::Seen | Suppress::Lost))
+    )
 }
 
 fn diff(a: &ClaimCounters, b: &ClaimCounters) -> ClaimCounters {
@@ -323,7 +323,9 @@ fn progress_line(done: &AtomicU64, finished: &AtomicBool, stop: Stop) {
         let n = done.load(Ordering::Relaxed);
         let rate = (n - last.1) as f64 / (now - last.0).as_secs_f64();
         let of = match stop {
-            Stop::Duration(d) => format!("{:.0}/{:.0}s", (now - start).as_secs_f64(), d.as_secs_f64()),
+            Stop::Duration(d) => {
+                format!("{:.0}/{:.0}s", (now - start).as_secs_f64(), d.as_secs_f64())
+            }
             Stop::Claims(c) => format!("{n}/{c} claims"),
         };
         print!("\r  {of}  {n} claims  {:.0} claims/s    ", rate);
@@ -389,7 +391,11 @@ mod tests {
         for _ in 0..100_000 {
             let dup = s.next_into(&mut id);
             assert_eq!(route(&id[..16], 4), 2);
-            assert_eq!(dup, !seen.insert(id[..16].to_vec()), "duplicate flag matches history");
+            assert_eq!(
+                dup,
+                !seen.insert(id[..16].to_vec()),
+                "duplicate flag matches history"
+            );
             dups += dup as u32;
         }
         let ratio = dups as f64 / 100_000.0;

@@ -124,7 +124,9 @@ fn bench_command() -> (Command, cache::flags::CacheFlags) {
 fn parse_fraction(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
         Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
-        _ => Err(format!("'{s}' is not a fraction between 0 and 1 (e.g. 0.9)")),
+        _ => Err(format!(
+            "'{s}' is not a fraction between 0 and 1 (e.g. 0.9)"
+        )),
     }
 }
 
@@ -132,7 +134,9 @@ fn cli() -> (Command, cache::flags::CacheFlags) {
     let (bench, store) = bench_command();
     let cmd = Command::new("txgate")
         .version(env!("CARGO_PKG_VERSION"))
-        .about("Thread-per-core TxID dedup: forward one copy of each transaction, suppress the rest")
+        .about(
+            "Thread-per-core TxID dedup: forward one copy of each transaction, suppress the rest",
+        )
         .long_about(
             "txgate decides \"forward or suppress\" for each copy of a transaction id (TxID): \
              nanoseconds for a TxID it has seen, one pipelined round trip to a shared store \
@@ -174,17 +178,25 @@ fn run_bench(cmd: &mut Command, m: &ArgMatches, store: &cache::flags::CacheFlags
             Ok(_) => return fail("the affinity mask has no CPUs"),
             Err(e) => return fail(&format!("reading the CPU affinity mask: {e}")),
         };
-        let n = m.get_one::<u64>("shards").map_or(mine.len(), |&n| n as usize);
+        let n = m
+            .get_one::<u64>("shards")
+            .map_or(mine.len(), |&n| n as usize);
         (0..n).map(|i| mine[i % mine.len()]).collect()
     };
-    let stop = match (m.get_one::<Duration>("duration"), m.get_one::<u64>("claims")) {
+    let stop = match (
+        m.get_one::<Duration>("duration"),
+        m.get_one::<u64>("claims"),
+    ) {
         (_, Some(&n)) => Stop::Claims(n),
         (Some(&d), None) => Stop::Duration(d),
         (None, None) => Stop::Duration(Duration::from_secs(10)),
     };
     if stop == Stop::Duration(Duration::ZERO) {
-        cmd.error(ErrorKind::ValueValidation, "--duration must be greater than zero")
-            .exit();
+        cmd.error(
+            ErrorKind::ValueValidation,
+            "--duration must be greater than zero",
+        )
+        .exit();
     }
     let seed = m.get_one::<u64>("seed").copied().unwrap_or_else(|| {
         SystemTime::now()
@@ -203,7 +215,9 @@ fn run_bench(cmd: &mut Command, m: &ArgMatches, store: &cache::flags::CacheFlags
         Ok(b) => b,
         Err(e) => return fail(&format!("opening the {} backend: {e}", config.backend)),
     };
-    let backend_name = backend.as_ref().map_or(BackendKind::None.as_str(), |b| b.kind());
+    let backend_name = backend
+        .as_ref()
+        .map_or(BackendKind::None.as_str(), |b| b.kind());
     let engine = match Engine::start(EngineConfig {
         cores: cores.clone(),
         backend,

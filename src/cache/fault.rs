@@ -129,7 +129,12 @@ impl FaultShard {
         self.memory.set_nx(key, val, ttl)
     }
 
-    pub(super) async fn set(&self, key: &[u8], val: &[u8], ttl: Duration) -> Result<(), CacheError> {
+    pub(super) async fn set(
+        &self,
+        key: &[u8],
+        val: &[u8],
+        ttl: Duration,
+    ) -> Result<(), CacheError> {
         self.gate("set").await?;
         self.memory.set(key, val, ttl)
     }

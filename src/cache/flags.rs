@@ -118,7 +118,11 @@ impl CacheFlags {
 
     /// The env twin of `--{prefix}{name}`.
     pub fn env(&self, name: &str) -> String {
-        format!("{}{}", self.env_prefix, name.to_uppercase().replace('-', "_"))
+        format!(
+            "{}{}",
+            self.env_prefix,
+            name.to_uppercase().replace('-', "_")
+        )
     }
 
     fn arg(&self, name: &str) -> Arg {
@@ -145,14 +149,15 @@ impl CacheFlags {
                 .copied()
                 .expect("has a default")
         };
-        let backend: BackendKind = s("backend")
-            .expect("has a default")
-            .parse()
-            .map_err(|problem| FlagError::Invalid {
-                flag: self.flag("backend"),
-                env: self.env("backend"),
-                problem,
-            })?;
+        let backend: BackendKind =
+            s("backend")
+                .expect("has a default")
+                .parse()
+                .map_err(|problem| FlagError::Invalid {
+                    flag: self.flag("backend"),
+                    env: self.env("backend"),
+                    problem,
+                })?;
         let aero_hosts: Vec<String> = m
             .get_many::<String>(&self.id("aero-hosts"))
             .map(|v| {
@@ -206,7 +211,11 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Config, String> {
-        let (cmd, f) = register_flags(Command::new("t"), "ingress-dedup-", "TXGATE_TEST_INGRESS_DEDUP_");
+        let (cmd, f) = register_flags(
+            Command::new("t"),
+            "ingress-dedup-",
+            "TXGATE_TEST_INGRESS_DEDUP_",
+        );
         let m = cmd
             .try_get_matches_from(std::iter::once("t").chain(args.iter().copied()))
             .map_err(|e| e.to_string())?;
@@ -271,14 +280,34 @@ mod tests {
         let e = parse(&["--ingress-dedup-backend", "redis"]).unwrap_err();
         assert!(e.contains("--ingress-dedup-redis-addr"), "{e}");
         assert!(e.contains("TXGATE_TEST_INGRESS_DEDUP_REDIS_ADDR"), "{e}");
-        assert!(parse(&["--ingress-dedup-backend", "redis", "--ingress-dedup-redis-addr", "127.0.0.1:6379"]).is_ok());
+        assert!(
+            parse(&[
+                "--ingress-dedup-backend",
+                "redis",
+                "--ingress-dedup-redis-addr",
+                "127.0.0.1:6379"
+            ])
+            .is_ok()
+        );
     }
 
     #[test]
     fn aerospike_without_hosts_or_namespace_is_refused() {
-        let e = parse(&["--ingress-dedup-backend", "aerospike", "--ingress-dedup-aero-namespace", "ns"]).unwrap_err();
+        let e = parse(&[
+            "--ingress-dedup-backend",
+            "aerospike",
+            "--ingress-dedup-aero-namespace",
+            "ns",
+        ])
+        .unwrap_err();
         assert!(e.contains("--ingress-dedup-aero-hosts"), "{e}");
-        let e = parse(&["--ingress-dedup-backend", "aerospike", "--ingress-dedup-aero-hosts", "h:3000"]).unwrap_err();
+        let e = parse(&[
+            "--ingress-dedup-backend",
+            "aerospike",
+            "--ingress-dedup-aero-hosts",
+            "h:3000",
+        ])
+        .unwrap_err();
         assert!(e.contains("--ingress-dedup-aero-namespace"), "{e}");
     }
 

@@ -219,16 +219,17 @@ impl Partition {
         counters: &MemoryCounters,
     ) {
         debug_assert!(!self.map.contains_key(key));
-        if self.max_keys > 0 && self.map.len() >= self.max_keys {
-            if let Some(((dl, _), victim)) = self.order.pop_first() {
-                self.map.remove(&victim);
-                let counter = if dl <= now_ms {
-                    &counters.expirations
-                } else {
-                    &counters.evictions
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-            }
+        if self.max_keys > 0
+            && self.map.len() >= self.max_keys
+            && let Some(((dl, _), victim)) = self.order.pop_first()
+        {
+            self.map.remove(&victim);
+            let counter = if dl <= now_ms {
+                &counters.expirations
+            } else {
+                &counters.evictions
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
         }
         self.seq += 1;
         let order_key = (deadline_ms, self.seq);

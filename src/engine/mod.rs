@@ -212,10 +212,9 @@ impl Shard {
     }
 
     async fn op_here(&self, op: Op) -> Result<Reply, EngineError> {
-        let b = self
-            .backend
-            .as_ref()
-            .ok_or(CacheError::Config("no backend: the engine runs on tier-1 only".into()))?;
+        let b = self.backend.as_ref().ok_or(CacheError::Config(
+            "no backend: the engine runs on tier-1 only".into(),
+        ))?;
         Ok(match op {
             Op::SetNx { key, val, ttl } => Reply::SetNx(b.set_nx(&key, &val, ttl).await?),
             Op::Set { key, val, ttl } => {
@@ -404,7 +403,11 @@ impl Engine {
         }
         let mut out = Vec::with_capacity(replies.len());
         for (i, rx) in replies.into_iter().enumerate() {
-            out.push(rx.recv_async().await.map_err(|_| EngineError::ShardStopped(i))?);
+            out.push(
+                rx.recv_async()
+                    .await
+                    .map_err(|_| EngineError::ShardStopped(i))?,
+            );
         }
         Ok(out)
     }
@@ -454,7 +457,11 @@ impl Engine {
         for inbox in &self.inboxes {
             let _ = inbox.send(Msg::Stop);
         }
-        let threads = std::mem::take(self.threads.get_mut().expect("no poisoning: never locked across a panic"));
+        let threads = std::mem::take(
+            self.threads
+                .get_mut()
+                .expect("no poisoning: never locked across a panic"),
+        );
         let mut errors = Vec::new();
         for (i, h) in threads.into_iter().enumerate() {
             if let Err(e) = h.join() {
@@ -498,7 +505,10 @@ async fn run_shard(
             index,
             core,
             shards,
-            partitioned: config.backend.as_ref().is_some_and(Backend::partitioned_by_shard),
+            partitioned: config
+                .backend
+                .as_ref()
+                .is_some_and(Backend::partitioned_by_shard),
             backend,
             txids,
             frames,

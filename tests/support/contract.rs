@@ -9,14 +9,28 @@ use std::time::Duration;
 use txgate::engine::{Engine, Op, Reply};
 
 fn set_nx(e: &Engine, key: &[u8], val: &[u8], ttl: Duration) -> bool {
-    match e.op_blocking(key, Op::SetNx { key: key.to_vec(), val: val.to_vec(), ttl }) {
+    match e.op_blocking(
+        key,
+        Op::SetNx {
+            key: key.to_vec(),
+            val: val.to_vec(),
+            ttl,
+        },
+    ) {
         Ok(Reply::SetNx(won)) => won,
         other => panic!("set_nx: {other:?}"),
     }
 }
 
 fn set(e: &Engine, key: &[u8], val: &[u8], ttl: Duration) {
-    match e.op_blocking(key, Op::Set { key: key.to_vec(), val: val.to_vec(), ttl }) {
+    match e.op_blocking(
+        key,
+        Op::Set {
+            key: key.to_vec(),
+            val: val.to_vec(),
+            ttl,
+        },
+    ) {
         Ok(Reply::Set) => {}
         other => panic!("set: {other:?}"),
     }
@@ -76,7 +90,11 @@ pub fn create_only_race_has_exactly_one_winner(e: Engine) {
                             let (s, key) = (s.clone(), key.clone());
                             glommio::spawn_local(async move {
                                 let val = format!("shard-{}-{i}", s.index()).into_bytes();
-                                let op = Op::SetNx { key: key.clone(), val, ttl: Duration::from_secs(30) };
+                                let op = Op::SetNx {
+                                    key: key.clone(),
+                                    val,
+                                    ttl: Duration::from_secs(30),
+                                };
                                 matches!(s.op(&key, op).await, Ok(Reply::SetNx(true)))
                             })
                         })
@@ -104,7 +122,10 @@ pub fn ttl_expiry(e: Engine) {
     assert_eq!(get(&e, &key).as_deref(), Some(&b"v"[..]));
     std::thread::sleep(Duration::from_millis(1200));
     assert_eq!(get(&e, &key), None, "expired entry still readable");
-    assert!(set_nx(&e, &key, b"x", Duration::from_secs(10)), "expired key not re-creatable");
+    assert!(
+        set_nx(&e, &key, b"x", Duration::from_secs(10)),
+        "expired key not re-creatable"
+    );
 }
 
 /// ttl 0 means no expiry.
@@ -163,18 +184,22 @@ pub fn binary_keys_and_values(e: Engine) {
     assert!(!set_nx(&e, &empty, b"x", Duration::from_secs(30)));
 
     let big_key = fresh_key("big");
-    let big: Vec<u8> = (0..1 << 20).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let big: Vec<u8> = (0..1 << 20)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
     assert!(set_nx(&e, &big_key, &big, Duration::from_secs(30)));
     let back = get(&e, &big_key).expect("1 MiB value reads back");
     assert_eq!(back.len(), big.len());
     assert!(back == big, "1 MiB value differs");
 
     // Distinct binary keys stay distinct.
-    let keys: HashSet<Vec<u8>> = (0..=255u8).map(|b| {
-        let mut k = fresh_key("distinct");
-        k.push(b);
-        k
-    }).collect();
+    let keys: HashSet<Vec<u8>> = (0..=255u8)
+        .map(|b| {
+            let mut k = fresh_key("distinct");
+            k.push(b);
+            k
+        })
+        .collect();
     for k in &keys {
         set(&e, k, k, Duration::from_secs(30));
     }
