@@ -109,9 +109,12 @@ impl Tier1 {
     /// [`crate::clock::coarse_ms`], truncated). The hot path of every claim.
     #[inline]
     pub fn contains(&self, key: &[u8], now_ms: u32) -> bool {
-        match self.find(key) {
-            Some(pos) => self.fresh(pos, now_ms),
-            None => false,
+        // 16-byte TxIDs get code compiled for their size: constant stride,
+        // one u128 compare, no length checks.
+        if key.len() == 16 && self.key_len == 16 {
+            self.contains_sized::<16>(key, now_ms)
+        } else {
+            self.contains_sized::<0>(key, now_ms)
         }
     }
 
@@ -206,7 +209,10 @@ impl Tier1 {
 
     #[inline]
     fn group_at(&self, pos: usize) -> u64 {
-        u64::from_le_bytes(self.tags[pos..pos + GROUP].try_into().unwrap())
+        let group: &[u8; GROUP] = self.tags[pos..]
+            .first_chunk()
+            .expect("GROUP mirror tags follow the last bucket");
+        u64::from_le_bytes(*group)
     }
 
     #[inline]
@@ -243,8 +249,39 @@ impl Tier1 {
 
     #[inline]
     fn find(&self, key: &[u8]) -> Option<usize> {
+        self.find_sized::<0>(key)
+    }
+
+    #[inline(always)]
+    fn contains_sized<const K: usize>(&self, key: &[u8], now_ms: u32) -> bool {
+        let Some(pos) = self.find_sized::<K>(key) else {
+            return false;
+        };
+        if self.ttl_ms == 0 {
+            return true;
+        }
+        let (key_len, stride) = if K == 0 {
+            (self.key_len, self.stride)
+        } else {
+            (K, K + 8)
+        };
+        let at = pos * stride + key_len;
+        let born = u32::from_le_bytes(*self.table[at..].first_chunk().expect("bucket holds born_ms"));
+        now_ms.wrapping_sub(born) < self.ttl_ms
+    }
+
+    /// Probes for `key`; `K` is the key length when known at compile time,
+    /// 0 for "read it from `self`".
+    #[inline(always)]
+    fn find_sized<const K: usize>(&self, key: &[u8]) -> Option<usize> {
+        let key_len = if K == 0 { self.key_len } else { K };
+        let stride = if K == 0 { self.stride } else { K + 8 };
         debug_assert_eq!(key.len(), self.key_len, "tier-1 key length");
-        let h = self.hasher.hash(key);
+        let h = if K == 16 {
+            self.hasher.hash16(key.first_chunk().expect("K-byte key"))
+        } else {
+            self.hasher.hash(key)
+        };
         let tag = tag_of(h);
         let mut pos = self.home(h);
         // A key sits before the first empty bucket of its probe run, so the
@@ -255,8 +292,15 @@ impl Tier1 {
             let mut hits = match_byte(group, tag);
             while hits != 0 {
                 let at = self.wrap(pos + (hits.trailing_zeros() / 8) as usize);
-                let e = at * self.stride;
-                if keys_eq(&self.table[e..e + self.key_len], key) {
+                let e = at * stride;
+                let same = if K == 16 {
+                    let stored: &[u8; 16] = self.table[e..].first_chunk().expect("bucket");
+                    let probe: &[u8; 16] = key.first_chunk().expect("K-byte key");
+                    u128::from_ne_bytes(*stored) == u128::from_ne_bytes(*probe)
+                } else {
+                    keys_eq(&self.table[e..e + key_len], key)
+                };
+                if same {
                     return Some(at);
                 }
                 hits &= hits - 1;
@@ -379,16 +423,23 @@ impl FoldHash {
         }
     }
 
-    #[inline]
+    /// [`FoldHash::hash`] of a 16-byte key, the common TxID size.
+    #[inline(always)]
+    fn hash16(&self, key: &[u8; 16]) -> u64 {
+        let [s0, s1, s2] = self.seeds;
+        let (a, b) = key.split_at(8);
+        let a = u64::from_le_bytes(a.try_into().expect("8 bytes"));
+        let b = u64::from_le_bytes(b.try_into().expect("8 bytes"));
+        fold_mul(fold_mul(a ^ s1, b ^ s0 ^ 16), s2)
+    }
+
+    #[inline(always)]
     fn hash(&self, key: &[u8]) -> u64 {
+        if let Ok(k) = <&[u8; 16]>::try_from(key) {
+            return self.hash16(k);
+        }
         let [s0, s1, s2] = self.seeds;
         let mut acc = s0 ^ key.len() as u64;
-        if let Ok(k) = <&[u8; 16]>::try_from(key) {
-            // The common TxID size, without the chunk loop.
-            let a = u64::from_le_bytes(k[..8].try_into().unwrap());
-            let b = u64::from_le_bytes(k[8..].try_into().unwrap());
-            return fold_mul(fold_mul(a ^ s1, b ^ acc), s2);
-        }
         let mut chunks = key.chunks_exact(16);
         for c in &mut chunks {
             let (a, b) = c.split_at(8);
