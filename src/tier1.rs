@@ -266,7 +266,11 @@ impl Tier1 {
             (K, K + 8)
         };
         let at = pos * stride + key_len;
-        let born = u32::from_le_bytes(*self.table[at..].first_chunk().expect("bucket holds born_ms"));
+        let born = u32::from_le_bytes(
+            *self.table[at..]
+                .first_chunk()
+                .expect("bucket holds born_ms"),
+        );
         now_ms.wrapping_sub(born) < self.ttl_ms
     }
 

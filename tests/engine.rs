@@ -748,62 +748,49 @@ fn shutdown_returns_and_later_calls_report_a_stopped_shard() {
     let engine = support::engine(2, None);
     let id_of_1 = ids_where(0, 1, 2, |o| o == 1)[0];
 
-    // A job on shard 0 that keeps claiming a TxID of shard 1 until shard 1
-    // has stopped, and reports the first error.
-    let (err_tx, err_rx) = mpsc::channel();
+    // Shard 1's thread raises a flag as it exits (a thread-local destructor:
+    // after its executor, and so its inbox, are gone).
+    let shard1_exited = Arc::new(AtomicBool::new(false));
+    let flag = shard1_exited.clone();
+    block_on(engine.run_on(1, move |_| async move {
+        EXIT_FLAG.with(|f| *f.borrow_mut() = Some(SetOnDrop(flag)));
+    }))
+    .expect("shard 1 answers");
+
+    // A job on shard 0 that, once shard 1 has exited, claims a TxID of
+    // shard 1 and reports what it got.
+    let (got_tx, got_rx) = mpsc::channel();
     let watcher_started = Arc::new(AtomicBool::new(false));
-    let started = watcher_started.clone();
+    let (started, exited) = (watcher_started.clone(), shard1_exited.clone());
     let watcher = engine.run_on(0, move |s| async move {
         started.store(true, Ordering::SeqCst);
+        assert_eq!(s.claim(&id_of_1).await.expect("shard 1 is up"), WON);
         for _ in 0..100_000 {
-            match s.claim(&id_of_1).await {
-                Ok(_) => glommio::timer::sleep(Duration::from_millis(2)).await,
-                Err(e) => {
-                    let _ = err_tx.send(e);
-                    return;
-                }
+            if exited.load(Ordering::SeqCst) {
+                break;
             }
+            glommio::timer::sleep(Duration::from_millis(1)).await;
         }
+        let _ = got_tx.send((exited.load(Ordering::SeqCst), s.claim(&id_of_1).await));
     });
     // Submit without awaiting the reply: the job runs on, unowned.
     assert!(
         block_on(poll_once(watcher)).is_none(),
         "the watcher runs until shutdown"
     );
-
-    // A short job in flight at shutdown gets its grace and finishes; a job
-    // far longer than the grace is dropped, not awaited.
-    let short_done = Arc::new(AtomicBool::new(false));
-    let long_done = Arc::new(AtomicBool::new(false));
-    let long_started = Arc::new(AtomicBool::new(false));
-    let long_dropped = Arc::new(AtomicBool::new(false));
-    struct SetOnDrop(Arc<AtomicBool>);
-    impl Drop for SetOnDrop {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::SeqCst);
-        }
-    }
-    {
-        let (started, done, dropped) = (
-            long_started.clone(),
-            long_done.clone(),
-            long_dropped.clone(),
-        );
-        let long = engine.run_on(0, move |_| async move {
-            let _guard = SetOnDrop(dropped);
-            started.store(true, Ordering::SeqCst);
-            glommio::timer::sleep(Duration::from_secs(120)).await;
-            done.store(true, Ordering::SeqCst);
-        });
-        assert!(block_on(poll_once(long)).is_none());
-    }
     for _ in 0..10_000 {
-        if watcher_started.load(Ordering::SeqCst) && long_started.load(Ordering::SeqCst) {
+        if watcher_started.load(Ordering::SeqCst) {
             break;
         }
         std::thread::sleep(Duration::from_millis(1));
     }
-    assert!(watcher_started.load(Ordering::SeqCst) && long_started.load(Ordering::SeqCst));
+    assert!(
+        watcher_started.load(Ordering::SeqCst),
+        "the watcher started"
+    );
+
+    // A short job in flight at shutdown gets its grace and finishes.
+    let short_done = Arc::new(AtomicBool::new(false));
     {
         let done = short_done.clone();
         let short = engine.run_on(1, move |_| async move {
@@ -819,22 +806,101 @@ fn shutdown_returns_and_later_calls_report_a_stopped_shard() {
     });
     let r = rx.recv_timeout(HANG_GUARD).expect("shutdown returns");
     assert_eq!(r, Ok(()), "shutdown is clean");
-
     assert!(
         short_done.load(Ordering::SeqCst),
         "a short in-flight job finished within the grace"
     );
     assert!(
-        !long_done.load(Ordering::SeqCst),
-        "a long job was not awaited past the grace"
+        shard1_exited.load(Ordering::SeqCst),
+        "shard 1's thread exited"
     );
-    assert!(
-        long_dropped.load(Ordering::SeqCst),
-        "the long job was dropped at shutdown"
-    );
-    let e = err_rx
+
+    let (exited_first, r) = got_rx
         .recv_timeout(HANG_GUARD)
-        .expect("the watcher saw shard 1 stop");
+        .expect("the watcher reported");
+    assert!(
+        exited_first,
+        "the watcher saw shard 1 exit before its last claim"
+    );
+    let e = r.expect_err("a claim on a stopped shard fails");
     assert!(matches!(e, EngineError::ShardStopped(1)), "{e:?}");
     assert!(e.to_string().contains("shard 1"), "{e}");
+}
+
+thread_local! {
+    static EXIT_FLAG: std::cell::RefCell<Option<SetOnDrop>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Sets its flag when dropped.
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Reports, when its shard thread exits, how many strong references to the
+/// shard are left.
+struct ShardProbe(std::rc::Weak<Shard>, mpsc::Sender<usize>);
+
+impl Drop for ShardProbe {
+    fn drop(&mut self) {
+        let _ = self.1.send(self.0.strong_count());
+    }
+}
+
+thread_local! {
+    static SHARD_PROBE: std::cell::RefCell<Option<ShardProbe>> = const { std::cell::RefCell::new(None) };
+}
+
+#[test]
+fn shutdown_frees_shard_state_and_drops_jobs_past_the_grace() {
+    let engine = support::engine(1, None);
+
+    // A probe on the shard's thread, read at thread exit: by then nothing may
+    // still hold the shard (its tier-1, backend partition, frame store).
+    let (probe_tx, probe_rx) = mpsc::channel();
+    block_on(engine.run_on(0, move |s| async move {
+        SHARD_PROBE.with(|p| *p.borrow_mut() = Some(ShardProbe(Rc::downgrade(&s), probe_tx)));
+    }))
+    .expect("shard answers");
+
+    // A job far past the grace, holding the shard: it must be dropped (its
+    // caller would then see ShardStopped), not leaked.
+    let (started, done, dropped) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    {
+        let (started, done, dropped) = (started.clone(), done.clone(), dropped.clone());
+        let long = engine.run_on(0, move |s| async move {
+            let _guard = SetOnDrop(dropped);
+            started.store(true, Ordering::SeqCst);
+            glommio::timer::sleep(Duration::from_secs(120)).await;
+            done.store(s.index() == 0, Ordering::SeqCst);
+        });
+        assert!(block_on(poll_once(long)).is_none());
+    }
+    for _ in 0..10_000 {
+        if started.load(Ordering::SeqCst) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(started.load(Ordering::SeqCst), "the long job started");
+
+    // shutdown joins the shard thread, thread-local destructors included.
+    engine.shutdown().expect("shutdown is clean");
+    assert!(!done.load(Ordering::SeqCst), "the long job was not awaited");
+    let left = probe_rx
+        .recv_timeout(HANG_GUARD)
+        .expect("the shard thread exited");
+    let dropped = dropped.load(Ordering::SeqCst);
+    assert!(
+        dropped && left == 0,
+        "after shutdown: job past the grace dropped: {dropped} (want true); \
+         references to the shard left: {left} (want 0)"
+    );
 }

@@ -528,8 +528,10 @@ async fn run_shard(
     };
     drop(ready);
 
+    // Kept, not detached: dropping the handle at exit cancels the task, so
+    // nothing holds the shard (and its tier-1 memory) after shutdown.
     let upkeep = shard.clone();
-    glommio::spawn_local(async move {
+    let upkeep = glommio::spawn_local(async move {
         loop {
             glommio::timer::sleep(MAINTENANCE_INTERVAL).await;
             upkeep.txids.sweep(TIER1_SWEEP_BUDGET);
@@ -537,26 +539,40 @@ async fn run_shard(
                 b.maintain();
             }
         }
-    })
-    .detach();
+    });
 
-    let jobs = Rc::new(glommio::sync::Semaphore::new(config.jobs_max.max(1) as u64));
+    let jobs_max = config.jobs_max.max(1) as u64;
+    let jobs = Rc::new(glommio::sync::Semaphore::new(jobs_max));
+    // Closed at the end of the grace period: every job still running then
+    // is dropped, which drops its reply sender (its caller sees ShardStopped).
+    let cancel = Rc::new(glommio::sync::Semaphore::new(0));
     while let Ok(Msg::Job(job)) = inbox.recv_async().await {
         let Ok(permit) = jobs.acquire_static_permit(1).await else {
             break;
         };
-        let s = shard.clone();
+        let (s, cancel) = (shard.clone(), cancel.clone());
         glommio::spawn_local(async move {
-            job(s).await;
+            let cancelled = async {
+                let _ = cancel.acquire(1).await;
+            };
+            futures_lite::future::or(job(s), cancelled).await;
             drop(permit);
         })
         .detach();
     }
-    // Stop: let running jobs finish, bounded by a grace period past which
-    // they are dropped (their callers see ShardStopped).
-    let all = config.jobs_max.max(1) as u64;
+    // Stop: refuse what is queued, give running jobs a bounded grace, then
+    // cancel the rest and wait (briefly) for them to unwind.
+    drop(inbox.drain());
     let grace = Duration::from_secs(1);
-    let _ = glommio::timer::timeout(grace, jobs.acquire(all)).await;
+    if glommio::timer::timeout(grace, jobs.acquire(jobs_max))
+        .await
+        .is_err()
+    {
+        cancel.close();
+        let unwind = Duration::from_millis(100);
+        let _ = glommio::timer::timeout(unwind, jobs.acquire(jobs_max)).await;
+    }
+    drop(upkeep);
     if let Some(b) = &shard.backend {
         b.close();
     }
