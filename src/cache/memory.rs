@@ -12,9 +12,10 @@
 //! deadline goes first; entries without a TTL go last, oldest first. For dedup
 //! keys, which share one TTL, that is plain FIFO. Evictions are counted.
 
+use std::borrow::Borrow;
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
-use std::rc::Rc;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -25,6 +26,8 @@ use crate::clock;
 /// Expired entries dropped per sweep, per shard.
 pub const SWEEP_BUDGET: usize = 1024;
 const NO_DEADLINE: u64 = u64::MAX;
+/// Most keys a partition's map is sized for up front (past it, it grows).
+const PRESIZE_KEYS_MAX: usize = 16 << 20;
 
 /// The process-wide memory backend: the key bound and the shared counters.
 #[derive(Debug, Clone)]
@@ -64,9 +67,15 @@ impl MemoryBackend {
         } else {
             self.max_keys.div_ceil(shards.max(1))
         };
+        // Sized once for the bound: growing a large map rehashes every entry
+        // at once, a multi-millisecond stall on the claim path.
+        let map = hashbrown::HashMap::with_capacity_and_hasher(
+            max_keys.min(PRESIZE_KEYS_MAX),
+            ahash::RandomState::new(),
+        );
         MemoryShard {
             part: RefCell::new(Partition {
-                map: hashbrown::HashMap::with_hasher(ahash::RandomState::new()),
+                map,
                 order: BTreeMap::new(),
                 seq: 0,
                 max_keys,
@@ -77,17 +86,70 @@ impl MemoryBackend {
     }
 }
 
+/// Bytes stored inline when short (dedup keys and claim values are), so a
+/// lookup touches the table and not a second allocation.
+#[derive(Clone)]
+enum Bytes {
+    Inline { len: u8, buf: [u8; INLINE_MAX] },
+    Heap(Box<[u8]>),
+}
+
+const INLINE_MAX: usize = 38;
+
+impl Bytes {
+    fn new(b: &[u8]) -> Self {
+        if b.len() <= INLINE_MAX {
+            let mut buf = [0u8; INLINE_MAX];
+            buf[..b.len()].copy_from_slice(b);
+            Self::Inline {
+                len: b.len() as u8,
+                buf,
+            }
+        } else {
+            Self::Heap(b.into())
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Self::Inline { len, buf } => &buf[..*len as usize],
+            Self::Heap(b) => b,
+        }
+    }
+}
+
+impl Borrow<[u8]> for Bytes {
+    fn borrow(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+// Hash and Eq agree with `[u8]`'s, as `Borrow` lookups require.
+impl Hash for Bytes {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_slice().hash(state);
+    }
+}
+
+impl PartialEq for Bytes {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for Bytes {}
+
 struct Entry {
-    val: Box<[u8]>,
+    val: Bytes,
     /// (deadline in ms on the monotonic clock or NO_DEADLINE, insertion seq):
     /// this entry's key in `order`.
     order_key: (u64, u64),
 }
 
 struct Partition {
-    map: hashbrown::HashMap<Rc<[u8]>, Entry, ahash::RandomState>,
+    map: hashbrown::HashMap<Bytes, Entry, ahash::RandomState>,
     /// Eviction and expiry order: soonest deadline first, then oldest.
-    order: BTreeMap<(u64, u64), Rc<[u8]>>,
+    order: BTreeMap<(u64, u64), Bytes>,
     seq: u64,
     max_keys: usize,
 }
@@ -150,7 +212,7 @@ impl MemoryShard {
         let mut p = self.part.borrow_mut();
         match p.map.get(key) {
             None => Ok(None),
-            Some(e) if e.order_key.0 > now => Ok(Some(e.val.to_vec())),
+            Some(e) if e.order_key.0 > now => Ok(Some(e.val.as_slice().to_vec())),
             Some(_) => {
                 p.remove(key);
                 self.counters.expirations.fetch_add(1, Ordering::Relaxed);
@@ -178,7 +240,7 @@ impl MemoryShard {
                 break;
             }
             let (_, key) = p.order.pop_first().expect("checked non-empty");
-            p.map.remove(&key);
+            p.map.remove(key.as_slice());
             self.counters.expirations.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -223,7 +285,7 @@ impl Partition {
             && self.map.len() >= self.max_keys
             && let Some(((dl, _), victim)) = self.order.pop_first()
         {
-            self.map.remove(&victim);
+            self.map.remove(victim.as_slice());
             let counter = if dl <= now_ms {
                 &counters.expirations
             } else {
@@ -233,12 +295,12 @@ impl Partition {
         }
         self.seq += 1;
         let order_key = (deadline_ms, self.seq);
-        let key: Rc<[u8]> = Rc::from(key);
+        let key = Bytes::new(key);
         self.order.insert(order_key, key.clone());
         self.map.insert(
             key,
             Entry {
-                val: val.into(),
+                val: Bytes::new(val),
                 order_key,
             },
         );
