@@ -21,6 +21,7 @@
 pub mod fault;
 pub mod flags;
 pub mod memory;
+pub mod redis;
 
 use std::fmt;
 use std::str::FromStr;

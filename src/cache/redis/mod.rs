@@ -1,0 +1,3 @@
+//! The Redis-protocol backend (work in progress): RESP codec first.
+
+pub mod resp;

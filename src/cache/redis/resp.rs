@@ -1,0 +1,242 @@
+//! RESP2, sans I/O: commands composed into a buffer, replies parsed from
+//! bytes (with the `redis-protocol` crate) into [`Reply`] values.
+//!
+//! Replies come from the network, so the parser must survive any bytes: a
+//! bounded iterative pre-scan finds where a reply ends and refuses nesting
+//! deeper than [`DEPTH_MAX`] (deep nesting would otherwise recurse without
+//! bound) before the crate decodes it. Commands are arrays of bulk strings,
+//! written straight into the connection's write buffer.
+
+use redis_protocol::resp2::decode::decode_range;
+use redis_protocol::resp2::types::RangeFrame;
+
+/// Deepest array nesting accepted in a reply (CLUSTER SLOTS uses 3).
+pub const DEPTH_MAX: usize = 8;
+/// Largest reply element accepted: a 512 MiB Redis string.
+pub const BULK_MAX: usize = 512 << 20;
+
+/// A parsed reply. `+OK` gets its own arm so the common SET reply allocates
+/// nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Ok,
+    Simple(Vec<u8>),
+    Error(String),
+    Int(i64),
+    Bulk(Vec<u8>),
+    Nil,
+    Array(Vec<Reply>),
+}
+
+/// Bytes that are not a RESP2 reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RespError {
+    #[error("not a RESP reply: unexpected byte {byte:#04x} at offset {at}")]
+    Type { byte: u8, at: usize },
+    #[error("malformed RESP length at offset {at}")]
+    Length { at: usize },
+    #[error("RESP reply nests deeper than {DEPTH_MAX}")]
+    Depth,
+    #[error("RESP decode failed: {0}")]
+    Decode(String),
+}
+
+/// Appends `*N\r\n$len\r\narg\r\n…`: one command.
+pub fn encode_command(buf: &mut Vec<u8>, args: &[&[u8]]) {
+    let mut num = itoa::Buffer::new();
+    buf.push(b'*');
+    buf.extend_from_slice(num.format(args.len()).as_bytes());
+    buf.extend_from_slice(b"\r\n");
+    for a in args {
+        buf.push(b'$');
+        buf.extend_from_slice(num.format(a.len()).as_bytes());
+        buf.extend_from_slice(b"\r\n");
+        buf.extend_from_slice(a);
+        buf.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Parses one reply from the front of `buf`: the reply and the bytes it
+/// used, `Ok(None)` when `buf` holds only part of one.
+pub fn decode_reply(buf: &[u8]) -> Result<Option<(Reply, usize)>, RespError> {
+    let Some(len) = frame_len(buf)? else {
+        return Ok(None);
+    };
+    let frame = &buf[..len];
+    match decode_range(frame) {
+        Ok(Some((f, used))) if used == len => Ok(Some((to_reply(frame, f), len))),
+        Ok(Some((_, used))) => Err(RespError::Decode(format!(
+            "frame of {len} bytes decoded as {used}"
+        ))),
+        Ok(None) => Err(RespError::Decode("complete frame reported incomplete".into())),
+        Err(e) => Err(RespError::Decode(e.to_string())),
+    }
+}
+
+fn to_reply(buf: &[u8], f: RangeFrame) -> Reply {
+    match f {
+        RangeFrame::SimpleString((s, e)) if &buf[s..e] == b"OK" => Reply::Ok,
+        RangeFrame::SimpleString((s, e)) => Reply::Simple(buf[s..e].to_vec()),
+        RangeFrame::Error((s, e)) => Reply::Error(String::from_utf8_lossy(&buf[s..e]).into_owned()),
+        RangeFrame::Integer(i) => Reply::Int(i),
+        RangeFrame::BulkString((s, e)) => Reply::Bulk(buf[s..e].to_vec()),
+        RangeFrame::Array(items) => Reply::Array(items.into_iter().map(|i| to_reply(buf, i)).collect()),
+        RangeFrame::Null => Reply::Nil,
+    }
+}
+
+/// Where the reply at the front of `buf` ends, without recursion: a stack
+/// of "elements still to read" per open array.
+fn frame_len(buf: &[u8]) -> Result<Option<usize>, RespError> {
+    let mut at = 0usize;
+    let mut open: [i64; DEPTH_MAX] = [0; DEPTH_MAX];
+    let mut depth = 0usize;
+    loop {
+        let Some(&kind) = buf.get(at) else {
+            return Ok(None);
+        };
+        let Some(line_end) = find_crlf(buf, at + 1) else {
+            // A header line longer than any valid one cannot become valid.
+            if buf.len() - at > 64 && kind != b'+' && kind != b'-' {
+                return Err(RespError::Length { at });
+            }
+            return Ok(None);
+        };
+        let line = &buf[at + 1..line_end];
+        let next = line_end + 2;
+        match kind {
+            b'+' | b'-' => at = next,
+            b':' => {
+                parse_int(line).ok_or(RespError::Length { at })?;
+                at = next;
+            }
+            b'$' => {
+                let n = parse_int(line).ok_or(RespError::Length { at })?;
+                if n == -1 {
+                    at = next;
+                } else if n < 0 || n as usize > BULK_MAX {
+                    return Err(RespError::Length { at });
+                } else {
+                    let end = next + n as usize;
+                    if buf.len() < end + 2 {
+                        return Ok(None);
+                    }
+                    if &buf[end..end + 2] != b"\r\n" {
+                        return Err(RespError::Length { at });
+                    }
+                    at = end + 2;
+                }
+            }
+            b'*' => {
+                let n = parse_int(line).ok_or(RespError::Length { at })?;
+                if n < -1 {
+                    return Err(RespError::Length { at });
+                }
+                at = next;
+                if n > 0 {
+                    if depth == DEPTH_MAX {
+                        return Err(RespError::Depth);
+                    }
+                    open[depth] = n;
+                    depth += 1;
+                    continue;
+                }
+            }
+            byte => return Err(RespError::Type { byte, at }),
+        }
+        // One element done: close every array it completes.
+        loop {
+            if depth == 0 {
+                return Ok(Some(at));
+            }
+            open[depth - 1] -= 1;
+            if open[depth - 1] > 0 {
+                break;
+            }
+            depth -= 1;
+        }
+    }
+}
+
+fn find_crlf(buf: &[u8], from: usize) -> Option<usize> {
+    let rest = buf.get(from..)?;
+    rest.windows(2).position(|w| w == b"\r\n").map(|p| from + p)
+}
+
+fn parse_int(line: &[u8]) -> Option<i64> {
+    if line.is_empty() || line.len() > 20 {
+        return None;
+    }
+    std::str::from_utf8(line).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_commands_as_arrays_of_bulk_strings() {
+        let mut b = Vec::new();
+        encode_command(&mut b, &[b"SET", b"k\r\n", b""]);
+        assert_eq!(b, b"*3\r\n$3\r\nSET\r\n$3\r\nk\r\n\r\n$0\r\n\r\n");
+    }
+
+    #[test]
+    fn decodes_every_reply_kind() {
+        let cases: &[(&[u8], Reply)] = &[
+            (b"+OK\r\n", Reply::Ok),
+            (b"+PONG\r\n", Reply::Simple(b"PONG".to_vec())),
+            (b"-ERR bad\r\n", Reply::Error("ERR bad".into())),
+            (b":-42\r\n", Reply::Int(-42)),
+            (b"$3\r\na\r\n\r\n", Reply::Bulk(b"a\r\n".to_vec())),
+            (b"$0\r\n\r\n", Reply::Bulk(vec![])),
+            (b"$-1\r\n", Reply::Nil),
+            (b"*-1\r\n", Reply::Nil),
+            (b"*0\r\n", Reply::Array(vec![])),
+            (
+                b"*2\r\n*1\r\n:1\r\n$1\r\nx\r\n",
+                Reply::Array(vec![Reply::Array(vec![Reply::Int(1)]), Reply::Bulk(b"x".to_vec())]),
+            ),
+        ];
+        for (bytes, want) in cases {
+            let mut buf = bytes.to_vec();
+            buf.extend_from_slice(b"+OK\r\n");
+            assert_eq!(
+                decode_reply(&buf).unwrap(),
+                Some((want.clone(), bytes.len())),
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
+            for cut in 0..bytes.len() {
+                assert_eq!(decode_reply(&bytes[..cut]).unwrap(), None, "prefix {cut}");
+            }
+        }
+    }
+
+    #[test]
+    fn refuses_garbage_and_deep_nesting() {
+        assert!(matches!(decode_reply(b"HTTP/1.1 400 Bad Request\r\n"), Err(RespError::Type { .. })));
+        assert!(decode_reply(b"$abc\r\n").is_err());
+        assert!(decode_reply(b"$5\r\nabcdeXX").is_err());
+        assert!(decode_reply(b"*-5\r\n").is_err());
+        let deep = b"*1\r\n".repeat(DEPTH_MAX + 1);
+        assert_eq!(decode_reply(&deep), Err(RespError::Depth));
+        let deep_ok = [b"*1\r\n".repeat(DEPTH_MAX), b":1\r\n".to_vec()].concat();
+        assert!(decode_reply(&deep_ok).unwrap().is_some());
+    }
+
+    #[test]
+    fn survives_arbitrary_bytes() {
+        let mut s = 7u64;
+        for len in 0..2000 {
+            let bytes: Vec<u8> = (0..len % 64)
+                .map(|_| {
+                    s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    const ALPHABET: &[u8] = b"*$:+-\r\n0123-9x";
+                    ALPHABET[(s >> 33) as usize % ALPHABET.len()]
+                })
+                .collect();
+            let _ = decode_reply(&bytes);
+        }
+    }
+}
