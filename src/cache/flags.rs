@@ -9,6 +9,7 @@ use clap::{Arg, ArgAction, ArgMatches, Command};
 
 use super::{
     BackendKind, Config, DIAL_TIMEOUT_DEFAULT, MEMORY_MAX_KEYS_DEFAULT, OP_TIMEOUT_DEFAULT,
+    REDIS_INFLIGHT_MAX_DEFAULT,
 };
 use crate::units::parse_duration;
 
@@ -70,6 +71,37 @@ pub fn register_flags(cmd: Command, flag_prefix: &str, env_prefix: &str) -> (Com
             f.arg("redis-addr")
                 .value_name("HOST:PORT")
                 .help("Redis-protocol server or cluster seed; required for --backend redis"),
+        )
+        .arg(
+            f.arg("redis-username")
+                .value_name("USER")
+                .help("Redis ACL user (AUTH user password)"),
+        )
+        .arg(
+            f.arg("redis-password")
+                .value_name("PASSWORD")
+                .hide_env_values(true)
+                .help("Redis password (AUTH); prefer the env twin over the command line"),
+        )
+        .arg(
+            f.arg("redis-db")
+                .value_name("N")
+                .value_parser(clap::value_parser!(u32))
+                .default_value("0")
+                .help("Redis database to SELECT (standalone only)"),
+        )
+        .arg(
+            f.arg("redis-client-name")
+                .value_name("NAME")
+                .default_value("txgate")
+                .help("CLIENT SETNAME prefix; each shard's connection adds -s<shard>"),
+        )
+        .arg(
+            f.arg("redis-inflight-max")
+                .value_name("N")
+                .value_parser(clap::value_parser!(u64).range(1..=1_000_000))
+                .default_value(REDIS_INFLIGHT_MAX_DEFAULT.to_string())
+                .help("Requests in flight per Redis connection; past it ops fail fast (and claims fail open)"),
         )
         .arg(
             f.arg("aero-hosts")
@@ -173,6 +205,15 @@ impl CacheFlags {
                 .get_one::<usize>(&self.id("memory-max-keys"))
                 .expect("has a default"),
             redis_addr: non_empty(s("redis-addr")),
+            redis_username: non_empty(s("redis-username")),
+            redis_password: s("redis-password"),
+            redis_db: *m
+                .get_one::<u32>(&self.id("redis-db"))
+                .expect("has a default"),
+            redis_client_name: s("redis-client-name").expect("has a default"),
+            redis_inflight_max: *m
+                .get_one::<u64>(&self.id("redis-inflight-max"))
+                .expect("has a default") as usize,
             aero_hosts,
             aero_namespace: non_empty(s("aero-namespace")),
             aero_set: s("aero-set").expect("has a default"),
@@ -194,6 +235,11 @@ impl CacheFlags {
         match backend {
             BackendKind::Redis if config.redis_addr.is_none() => {
                 Err(self.missing("redis-addr", backend))
+            }
+            BackendKind::Redis
+                if config.redis_username.is_some() && config.redis_password.is_none() =>
+            {
+                Err(self.missing("redis-password", backend))
             }
             BackendKind::Aerospike if config.aero_hosts.is_empty() => {
                 Err(self.missing("aero-hosts", backend))

@@ -34,6 +34,8 @@ pub const DIAL_TIMEOUT_DEFAULT: Duration = Duration::from_millis(200);
 /// Default bound on one operation: short, so a slow backend becomes an error
 /// (and a fail-open forward) fast.
 pub const OP_TIMEOUT_DEFAULT: Duration = Duration::from_millis(50);
+/// Default bound on requests in flight per Redis connection.
+pub const REDIS_INFLIGHT_MAX_DEFAULT: usize = 4096;
 /// Default bound on the memory backend's keys, over all shards.
 pub const MEMORY_MAX_KEYS_DEFAULT: usize = 1_000_000;
 
@@ -95,8 +97,18 @@ pub struct Config {
     pub backend: BackendKind,
     /// Bound on the memory backend's keys over all shards (0 = unbounded).
     pub memory_max_keys: usize,
-    /// `host:port` of a Redis-protocol server; required for `redis`.
+    /// `host:port` of a Redis-protocol server (or any node of a Redis
+    /// Cluster); required for `redis`.
     pub redis_addr: Option<String>,
+    /// ACL user for `AUTH user password`; `None` with a password: `AUTH password`.
+    pub redis_username: Option<String>,
+    pub redis_password: Option<String>,
+    /// Database for `SELECT` (standalone servers only).
+    pub redis_db: u32,
+    /// `CLIENT SETNAME` prefix; each shard's connection adds `-s{shard}`.
+    pub redis_client_name: String,
+    /// Bound on requests in flight per connection; past it ops fail fast.
+    pub redis_inflight_max: usize,
     /// Aerospike seed nodes (`host:port`); required for `aerospike`.
     pub aero_hosts: Vec<String>,
     /// Aerospike namespace; required for `aerospike`.
@@ -115,6 +127,11 @@ impl Default for Config {
             backend: BackendKind::Memory,
             memory_max_keys: MEMORY_MAX_KEYS_DEFAULT,
             redis_addr: None,
+            redis_username: None,
+            redis_password: None,
+            redis_db: 0,
+            redis_client_name: "txgate".to_owned(),
+            redis_inflight_max: REDIS_INFLIGHT_MAX_DEFAULT,
             aero_hosts: Vec::new(),
             aero_namespace: None,
             aero_set: "txgate".to_owned(),
@@ -137,6 +154,16 @@ pub enum CacheError {
     Unavailable(BackendKind),
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("{addr}: connection refused")]
+    Refused { addr: String },
+    #[error("{addr}: no answer within the dial timeout ({after_ms} ms)")]
+    DialTimeout { addr: String, after_ms: u64 },
+    #[error("{addr}: authentication failed: {detail}")]
+    Auth { addr: String, detail: String },
+    #[error("{addr} is not a Redis-protocol server (it answered {got:?})")]
+    NotRedis { addr: String, got: String },
+    #[error("{addr}: {detail}")]
+    Connect { addr: String, detail: String },
 }
 
 impl CacheError {
@@ -151,6 +178,8 @@ impl CacheError {
 #[derive(Debug, Clone)]
 pub enum Backend {
     Memory(memory::MemoryBackend),
+    /// Any Redis-protocol server, by address.
+    Redis(redis::RedisBackend),
     /// A test backend wrapping memory with switchable faults (errors, stalls,
     /// delays); it proves fail-open behaviour without a real outage.
     Fault(fault::FaultBackend),
@@ -161,6 +190,7 @@ impl Backend {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Memory(_) => "memory",
+            Self::Redis(_) => "redis",
             Self::Fault(_) => "fault",
         }
     }
@@ -171,6 +201,7 @@ impl Backend {
     pub fn partitioned_by_shard(&self) -> bool {
         match self {
             Self::Memory(_) | Self::Fault(_) => true,
+            Self::Redis(_) => false,
         }
     }
 
@@ -183,6 +214,7 @@ impl Backend {
     ) -> Result<ShardBackend, CacheError> {
         match self {
             Self::Memory(m) => Ok(ShardBackend::Memory(m.shard(shard, shards))),
+            Self::Redis(r) => Ok(ShardBackend::Redis(r.shard(shard).await?)),
             Self::Fault(f) => Ok(ShardBackend::Fault(f.shard(shard, shards))),
         }
     }
@@ -197,12 +229,7 @@ pub fn open(config: &Config) -> Result<Option<Backend>, CacheError> {
         BackendKind::Memory => Ok(Some(Backend::Memory(memory::MemoryBackend::new(
             config.memory_max_keys,
         )))),
-        BackendKind::Redis => {
-            if config.redis_addr.as_deref().unwrap_or("").is_empty() {
-                return Err(CacheError::Config("redis needs an address".into()));
-            }
-            Err(CacheError::Unavailable(BackendKind::Redis))
-        }
+        BackendKind::Redis => Ok(Some(Backend::Redis(redis::open(config)?))),
         BackendKind::Aerospike => {
             if config.aero_hosts.is_empty() || config.aero_namespace.is_none() {
                 return Err(CacheError::Config(
@@ -217,6 +244,7 @@ pub fn open(config: &Config) -> Result<Option<Backend>, CacheError> {
 /// One shard's backend: the hot-path handle. `!Send`; owned by its shard.
 pub enum ShardBackend {
     Memory(memory::MemoryShard),
+    Redis(redis::RedisShard),
     Fault(fault::FaultShard),
 }
 
@@ -226,6 +254,7 @@ impl ShardBackend {
     pub async fn set_nx(&self, key: &[u8], val: &[u8], ttl: Duration) -> Result<bool, CacheError> {
         match self {
             Self::Memory(m) => m.set_nx(key, val, ttl),
+            Self::Redis(r) => r.set_nx(key, val, ttl).await,
             Self::Fault(f) => f.set_nx(key, val, ttl).await,
         }
     }
@@ -234,6 +263,7 @@ impl ShardBackend {
     pub async fn set(&self, key: &[u8], val: &[u8], ttl: Duration) -> Result<(), CacheError> {
         match self {
             Self::Memory(m) => m.set(key, val, ttl),
+            Self::Redis(r) => r.set(key, val, ttl).await,
             Self::Fault(f) => f.set(key, val, ttl).await,
         }
     }
@@ -242,6 +272,7 @@ impl ShardBackend {
     pub async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, CacheError> {
         match self {
             Self::Memory(m) => m.get(key),
+            Self::Redis(r) => r.get(key).await,
             Self::Fault(f) => f.get(key).await,
         }
     }
@@ -250,6 +281,7 @@ impl ShardBackend {
     pub async fn del(&self, key: &[u8]) -> Result<(), CacheError> {
         match self {
             Self::Memory(m) => m.del(key),
+            Self::Redis(r) => r.del(key).await,
             Self::Fault(f) => f.del(key).await,
         }
     }
@@ -258,6 +290,7 @@ impl ShardBackend {
     pub async fn healthy(&self) -> bool {
         match self {
             Self::Memory(_) => true,
+            Self::Redis(r) => r.healthy().await,
             Self::Fault(f) => f.healthy(),
         }
     }
@@ -266,6 +299,8 @@ impl ShardBackend {
     pub fn maintain(&self) {
         match self {
             Self::Memory(m) => m.sweep(memory::SWEEP_BUDGET),
+            // Redis expires keys itself; op timeouts have their own sweep.
+            Self::Redis(_) => {}
             Self::Fault(f) => f.memory().sweep(memory::SWEEP_BUDGET),
         }
     }
@@ -274,6 +309,7 @@ impl ShardBackend {
     pub fn close(&self) {
         match self {
             Self::Memory(m) => m.close(),
+            Self::Redis(r) => r.close(),
             Self::Fault(f) => f.memory().close(),
         }
     }

@@ -68,7 +68,9 @@ pub fn decode_reply(buf: &[u8]) -> Result<Option<(Reply, usize)>, RespError> {
         Ok(Some((_, used))) => Err(RespError::Decode(format!(
             "frame of {len} bytes decoded as {used}"
         ))),
-        Ok(None) => Err(RespError::Decode("complete frame reported incomplete".into())),
+        Ok(None) => Err(RespError::Decode(
+            "complete frame reported incomplete".into(),
+        )),
         Err(e) => Err(RespError::Decode(e.to_string())),
     }
 }
@@ -80,7 +82,9 @@ fn to_reply(buf: &[u8], f: RangeFrame) -> Reply {
         RangeFrame::Error((s, e)) => Reply::Error(String::from_utf8_lossy(&buf[s..e]).into_owned()),
         RangeFrame::Integer(i) => Reply::Int(i),
         RangeFrame::BulkString((s, e)) => Reply::Bulk(buf[s..e].to_vec()),
-        RangeFrame::Array(items) => Reply::Array(items.into_iter().map(|i| to_reply(buf, i)).collect()),
+        RangeFrame::Array(items) => {
+            Reply::Array(items.into_iter().map(|i| to_reply(buf, i)).collect())
+        }
         RangeFrame::Null => Reply::Nil,
     }
 }
@@ -195,7 +199,10 @@ mod tests {
             (b"*0\r\n", Reply::Array(vec![])),
             (
                 b"*2\r\n*1\r\n:1\r\n$1\r\nx\r\n",
-                Reply::Array(vec![Reply::Array(vec![Reply::Int(1)]), Reply::Bulk(b"x".to_vec())]),
+                Reply::Array(vec![
+                    Reply::Array(vec![Reply::Int(1)]),
+                    Reply::Bulk(b"x".to_vec()),
+                ]),
             ),
         ];
         for (bytes, want) in cases {
@@ -215,7 +222,10 @@ mod tests {
 
     #[test]
     fn refuses_garbage_and_deep_nesting() {
-        assert!(matches!(decode_reply(b"HTTP/1.1 400 Bad Request\r\n"), Err(RespError::Type { .. })));
+        assert!(matches!(
+            decode_reply(b"HTTP/1.1 400 Bad Request\r\n"),
+            Err(RespError::Type { .. })
+        ));
         assert!(decode_reply(b"$abc\r\n").is_err());
         assert!(decode_reply(b"$5\r\nabcdeXX").is_err());
         assert!(decode_reply(b"*-5\r\n").is_err());
@@ -231,7 +241,9 @@ mod tests {
         for len in 0..2000 {
             let bytes: Vec<u8> = (0..len % 64)
                 .map(|_| {
-                    s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    s = s
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     const ALPHABET: &[u8] = b"*$:+-\r\n0123-9x";
                     ALPHABET[(s >> 33) as usize % ALPHABET.len()]
                 })

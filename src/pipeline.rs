@@ -1,0 +1,505 @@
+//! The protocol-independent pipelined connection, written once and driven by
+//! the Redis (and later Aerospike) codecs.
+//!
+//! Every task of a shard encodes its request straight into one write buffer
+//! and takes a place in the in-flight FIFO; one driver task per connection
+//! writes the buffer out in batches and reads replies, handing each to the
+//! FIFO's head. The rules that keep it correct:
+//!
+//! - **Bounded**: at most `inflight_max` requests in flight (timed-out
+//!   placeholders included); past it a call fails at once (`Overflow`).
+//! - **Timeouts never desync**: [`Pipeline::sweep`], run by one per-shard task,
+//!   fails every request past its deadline, but the request keeps its place;
+//!   its late reply is read and dropped. Callers that give up (drop the
+//!   future) leave a placeholder the same way.
+//! - **Loss fails everything at once**: a read or write error, EOF, a reply
+//!   nobody asked for, or bytes the codec refuses drop the connection and
+//!   fail every in-flight request; the driver reconnects with jittered
+//!   exponential backoff while new calls fail fast (`Disconnected`).
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::{Future, poll_fn};
+use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use futures_lite::io::{AsyncRead, AsyncWrite};
+
+/// A wire protocol's reply parser: bytes in, one reply and its length out.
+pub trait Protocol: 'static {
+    type Reply: 'static;
+    type Error: std::fmt::Display;
+    /// Parses the reply at the front of `buf`; `Ok(None)` when incomplete.
+    fn decode(buf: &[u8]) -> Result<Option<(Self::Reply, usize)>, Self::Error>;
+}
+
+/// Opens a ready connection: dial (with the dial timeout, on a resolved
+/// address) and the protocol's handshake, which completes before the
+/// connection takes work.
+pub trait Connector: 'static {
+    type Stream: AsyncRead + AsyncWrite + Unpin + 'static;
+    fn connect(&self) -> impl Future<Output = Result<Self::Stream, String>>;
+}
+
+/// Bounds of one pipelined connection.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// Requests in flight at most (placeholders of timed-out ones included).
+    pub inflight_max: usize,
+    /// Deadline of every request, from submission.
+    pub op_timeout: Duration,
+    /// First reconnect delay; doubles per failed attempt up to the max.
+    pub reconnect_backoff_min: Duration,
+    pub reconnect_backoff_max: Duration,
+    /// Largest reply the read buffer grows to hold.
+    pub reply_bytes_max: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            inflight_max: 4096,
+            op_timeout: Duration::from_millis(50),
+            reconnect_backoff_min: Duration::from_millis(10),
+            reconnect_backoff_max: Duration::from_secs(1),
+            reply_bytes_max: (512 << 20) + 4096,
+        }
+    }
+}
+
+/// Why a call got no reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    #[error("too many requests in flight ({0})")]
+    Overflow(usize),
+    #[error("not connected")]
+    Disconnected,
+    #[error("connection lost with the request in flight")]
+    Lost,
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    #[error("connection closed")]
+    Closed,
+}
+
+impl CallError {
+    /// The request may have reached the server (a retry could see its effect).
+    pub fn is_ambiguous(&self) -> bool {
+        matches!(self, Self::Lost | Self::Timeout(_))
+    }
+}
+
+/// Counters of one connection; `Copy` for snapshots.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PipelineCounters {
+    pub calls: u64,
+    pub replies: u64,
+    pub timeouts: u64,
+    /// Replies that arrived after their caller timed out or gave up.
+    pub late_replies: u64,
+    pub overflows: u64,
+    pub disconnects: u64,
+    pub connects: u64,
+    /// Write syscalls that carried requests (batching shows as calls / flushes).
+    pub flushes: u64,
+}
+
+const NO_SLOT: u32 = u32::MAX;
+
+struct Entry {
+    slot: u32,
+    deadline: Instant,
+}
+
+enum Slot<R> {
+    Free,
+    Waiting(Option<Waker>),
+    Done(Result<R, CallError>),
+    /// The caller dropped its future; the entry waits for its reply.
+    Abandoned,
+}
+
+struct State<R> {
+    up: bool,
+    closed: bool,
+    wbuf: Vec<u8>,
+    fifo: VecDeque<Entry>,
+    /// Leading FIFO entries already failed by the sweep.
+    swept: usize,
+    slots: Vec<Slot<R>>,
+    free: Vec<u32>,
+    driver: Option<Waker>,
+    counters: PipelineCounters,
+}
+
+impl<R> State<R> {
+    fn complete(&mut self, slot: u32, result: Result<R, CallError>) {
+        if slot == NO_SLOT {
+            return;
+        }
+        let s = &mut self.slots[slot as usize];
+        match std::mem::replace(s, Slot::Free) {
+            Slot::Waiting(w) => {
+                *s = Slot::Done(result);
+                if let Some(w) = w {
+                    w.wake();
+                }
+            }
+            Slot::Abandoned => self.free.push(slot),
+            other => *s = other,
+        }
+    }
+
+    fn fail_all(&mut self, err: CallError) {
+        while let Some(e) = self.fifo.pop_front() {
+            self.complete(e.slot, Err(err.clone()));
+        }
+        self.swept = 0;
+        self.wbuf.clear();
+    }
+}
+
+/// A pipelined connection shared by the tasks of one shard.
+pub struct Pipeline<P: Protocol> {
+    state: Rc<RefCell<State<P::Reply>>>,
+    config: PipelineConfig,
+    driver_task: RefCell<Option<glommio::Task<()>>>,
+    closed: Rc<Cell<bool>>,
+}
+
+impl<P: Protocol> Pipeline<P> {
+    /// Connects once (so start-up fails closed), then hands the connection
+    /// to a driver task that also reconnects after a loss.
+    pub async fn connect<C: Connector>(
+        connector: C,
+        config: PipelineConfig,
+    ) -> Result<Self, String> {
+        let stream = connector.connect().await?;
+        let state = Rc::new(RefCell::new(State {
+            up: true,
+            closed: false,
+            wbuf: Vec::with_capacity(64 << 10),
+            fifo: VecDeque::with_capacity(config.inflight_max),
+            swept: 0,
+            slots: Vec::with_capacity(config.inflight_max),
+            free: Vec::new(),
+            driver: None,
+            counters: PipelineCounters {
+                connects: 1,
+                ..Default::default()
+            },
+        }));
+        let closed = Rc::new(Cell::new(false));
+        let task = glommio::spawn_local(drive::<P, C>(
+            state.clone(),
+            connector,
+            stream,
+            config.clone(),
+            closed.clone(),
+        ));
+        Ok(Self {
+            state,
+            config,
+            driver_task: RefCell::new(Some(task)),
+            closed,
+        })
+    }
+
+    /// Sends one request, encoded by `encode` into the shared write buffer,
+    /// and waits for its reply or its deadline.
+    pub async fn call(&self, encode: impl FnOnce(&mut Vec<u8>)) -> Result<P::Reply, CallError> {
+        let slot = {
+            let mut st = self.state.borrow_mut();
+            if st.closed {
+                return Err(CallError::Closed);
+            }
+            if !st.up {
+                return Err(CallError::Disconnected);
+            }
+            if st.fifo.len() >= self.config.inflight_max {
+                st.counters.overflows += 1;
+                return Err(CallError::Overflow(self.config.inflight_max));
+            }
+            encode(&mut st.wbuf);
+            let slot = match st.free.pop() {
+                Some(s) => {
+                    st.slots[s as usize] = Slot::Waiting(None);
+                    s
+                }
+                None => {
+                    st.slots.push(Slot::Waiting(None));
+                    (st.slots.len() - 1) as u32
+                }
+            };
+            st.fifo.push_back(Entry {
+                slot,
+                deadline: Instant::now() + self.config.op_timeout,
+            });
+            st.counters.calls += 1;
+            if let Some(w) = &st.driver {
+                w.wake_by_ref();
+            }
+            slot
+        };
+        Wait {
+            state: &self.state,
+            slot,
+            done: false,
+        }
+        .await
+    }
+
+    /// Fails every request whose deadline has passed, leaving its place in
+    /// the FIFO so its late reply is read and dropped. Bounded by the FIFO.
+    pub fn sweep(&self, now: Instant) {
+        let mut st = self.state.borrow_mut();
+        let timeout = self.config.op_timeout;
+        while st.swept < st.fifo.len() {
+            let i = st.swept;
+            if st.fifo[i].deadline > now {
+                break;
+            }
+            let slot = std::mem::replace(&mut st.fifo[i].slot, NO_SLOT);
+            if slot != NO_SLOT {
+                st.counters.timeouts += 1;
+                st.complete(slot, Err(CallError::Timeout(timeout)));
+            }
+            st.swept += 1;
+        }
+    }
+
+    /// Whether the connection is up now.
+    pub fn is_up(&self) -> bool {
+        self.state.borrow().up
+    }
+
+    /// Requests in flight, placeholders included.
+    pub fn inflight(&self) -> usize {
+        self.state.borrow().fifo.len()
+    }
+
+    /// Counters so far.
+    pub fn counters(&self) -> PipelineCounters {
+        self.state.borrow().counters
+    }
+
+    /// Fails everything in flight and stops the driver; later calls fail
+    /// with `Closed`.
+    pub fn close(&self) {
+        self.closed.set(true);
+        {
+            let mut st = self.state.borrow_mut();
+            st.closed = true;
+            st.up = false;
+            st.fail_all(CallError::Closed);
+        }
+        // Dropping the task handle cancels the driver (and its socket).
+        self.driver_task.borrow_mut().take();
+    }
+}
+
+impl<P: Protocol> Drop for Pipeline<P> {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+struct Wait<'a, R> {
+    state: &'a Rc<RefCell<State<R>>>,
+    slot: u32,
+    done: bool,
+}
+
+impl<R> Future for Wait<'_, R> {
+    type Output = Result<R, CallError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut st = self.state.borrow_mut();
+        let i = self.slot as usize;
+        match std::mem::replace(&mut st.slots[i], Slot::Free) {
+            Slot::Done(r) => {
+                st.free.push(self.slot);
+                drop(st);
+                self.done = true;
+                Poll::Ready(r)
+            }
+            Slot::Waiting(_) => {
+                st.slots[i] = Slot::Waiting(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+            other => {
+                st.slots[i] = other;
+                drop(st);
+                self.done = true;
+                Poll::Ready(Err(CallError::Closed))
+            }
+        }
+    }
+}
+
+impl<R> Drop for Wait<'_, R> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut st = self.state.borrow_mut();
+        let i = self.slot as usize;
+        match st.slots[i] {
+            // Its reply (or the sweep) will free it.
+            Slot::Waiting(_) => st.slots[i] = Slot::Abandoned,
+            Slot::Done(_) => {
+                st.slots[i] = Slot::Free;
+                st.free.push(self.slot);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The driver: runs the connection until it fails, then reconnects with
+/// jittered exponential backoff, until closed.
+async fn drive<P: Protocol, C: Connector>(
+    state: Rc<RefCell<State<P::Reply>>>,
+    connector: C,
+    first: C::Stream,
+    config: PipelineConfig,
+    closed: Rc<Cell<bool>>,
+) {
+    let mut stream = Some(first);
+    let mut backoff = config.reconnect_backoff_min;
+    let mut seed = Instant::now().elapsed().as_nanos() as u64 ^ (Rc::as_ptr(&state) as u64);
+    loop {
+        if closed.get() {
+            return;
+        }
+        if let Some(s) = stream.take() {
+            backoff = config.reconnect_backoff_min;
+            state.borrow_mut().up = true;
+            let err = run::<P, C::Stream>(&state, s, &config).await;
+            tracing::debug!(error = %err, "pipelined connection lost");
+            let mut st = state.borrow_mut();
+            st.up = false;
+            st.driver = None;
+            st.counters.disconnects += 1;
+            st.fail_all(CallError::Lost);
+        }
+        if closed.get() {
+            return;
+        }
+        // Jitter in [backoff/2, backoff): instances don't reconnect in step.
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let half = backoff / 2;
+        let jitter = half.mul_f64((seed >> 11) as f64 / (1u64 << 53) as f64);
+        glommio::timer::sleep(half + jitter).await;
+        backoff = (backoff * 2).min(config.reconnect_backoff_max);
+        match connector.connect().await {
+            Ok(s) => {
+                state.borrow_mut().counters.connects += 1;
+                stream = Some(s);
+            }
+            Err(e) => tracing::debug!(error = %e, "reconnect failed"),
+        }
+    }
+}
+
+/// Moves bytes until the connection fails; returns why.
+async fn run<P: Protocol, S: AsyncRead + AsyncWrite + Unpin>(
+    state: &Rc<RefCell<State<P::Reply>>>,
+    mut stream: S,
+    config: &PipelineConfig,
+) -> io::Error {
+    let mut rbuf = vec![0u8; 64 << 10];
+    let (mut start, mut filled) = (0usize, 0usize);
+    let mut written = 0usize;
+    poll_fn(|cx| {
+        let mut st = state.borrow_mut();
+        if st.closed {
+            return Poll::Ready(io::Error::other("closed"));
+        }
+        st.driver = Some(cx.waker().clone());
+        // Bounded: each pass moves bytes or returns; a pass that moves
+        // nothing returns Pending.
+        loop {
+            let mut progress = false;
+            if written < st.wbuf.len() {
+                match Pin::new(&mut stream).poll_write(cx, &st.wbuf[written..]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(io::ErrorKind::WriteZero.into()),
+                    Poll::Ready(Ok(n)) => {
+                        written += n;
+                        st.counters.flushes += 1;
+                        progress = true;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(e),
+                    Poll::Pending => {}
+                }
+                if written == st.wbuf.len() {
+                    st.wbuf.clear();
+                    written = 0;
+                }
+            }
+            if filled == rbuf.len() {
+                if start > 0 {
+                    rbuf.copy_within(start..filled, 0);
+                    filled -= start;
+                    start = 0;
+                } else if rbuf.len() < config.reply_bytes_max {
+                    let grown = (rbuf.len() * 2).min(config.reply_bytes_max);
+                    rbuf.resize(grown, 0);
+                } else {
+                    return Poll::Ready(io::Error::other("reply larger than the read bound"));
+                }
+            }
+            match Pin::new(&mut stream).poll_read(cx, &mut rbuf[filled..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(io::ErrorKind::UnexpectedEof.into()),
+                Poll::Ready(Ok(n)) => {
+                    filled += n;
+                    progress = true;
+                    // Hand every complete reply to the FIFO's head.
+                    loop {
+                        match P::decode(&rbuf[start..filled]) {
+                            Ok(Some((reply, used))) => {
+                                start += used;
+                                let Some(e) = st.fifo.pop_front() else {
+                                    return Poll::Ready(io::Error::other(
+                                        "reply without a request: protocol desync",
+                                    ));
+                                };
+                                if st.swept > 0 {
+                                    st.swept -= 1;
+                                }
+                                if e.slot == NO_SLOT
+                                    || matches!(st.slots[e.slot as usize], Slot::Abandoned)
+                                {
+                                    st.counters.late_replies += 1;
+                                }
+                                st.counters.replies += 1;
+                                st.complete(e.slot, Ok(reply));
+                            }
+                            Ok(None) => break,
+                            Err(err) => {
+                                return Poll::Ready(io::Error::new(
+                                    io::ErrorKind::InvalidData,
+                                    err.to_string(),
+                                ));
+                            }
+                        }
+                    }
+                    if start == filled {
+                        start = 0;
+                        filled = 0;
+                    }
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(e),
+                Poll::Pending => {}
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+    })
+    .await
+}
