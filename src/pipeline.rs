@@ -503,3 +503,282 @@ async fn run<P: Protocol, S: AsyncRead + AsyncWrite + Unpin>(
     })
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::{SocketAddr, TcpListener};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A line protocol: every reply is one `\n`-terminated line.
+    struct Lines;
+    impl Protocol for Lines {
+        type Reply = String;
+        type Error = String;
+        fn decode(buf: &[u8]) -> Result<Option<(String, usize)>, String> {
+            match buf.iter().position(|&b| b == b'\n') {
+                Some(i) if buf[..i].starts_with(b"BAD") => Err("refused".into()),
+                Some(i) => Ok(Some((
+                    String::from_utf8_lossy(&buf[..i]).into_owned(),
+                    i + 1,
+                ))),
+                None => Ok(None),
+            }
+        }
+    }
+
+    /// Echoes each line after an optional `sleep:<ms>:` delay; `close` drops
+    /// the connection; `extra` answers twice (a reply nobody asked for).
+    fn server() -> (SocketAddr, Arc<AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        std::thread::spawn(move || {
+            for conn in l.incoming().take(16) {
+                let Ok(conn) = conn else { return };
+                count.fetch_add(1, Ordering::SeqCst);
+                std::thread::spawn(move || {
+                    let mut w = conn.try_clone().unwrap();
+                    for line in BufReader::new(conn).lines().take(100_000) {
+                        let Ok(line) = line else { return };
+                        if let Some(rest) = line.strip_prefix("sleep:") {
+                            let (ms, _) = rest.split_once(':').unwrap();
+                            std::thread::sleep(Duration::from_millis(ms.parse().unwrap()));
+                        }
+                        if line == "close" {
+                            return;
+                        }
+                        let reply = if line == "extra" {
+                            "extra\nextra\n".to_string()
+                        } else {
+                            format!("{line}\n")
+                        };
+                        if w.write_all(reply.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    struct Dial(SocketAddr);
+    impl Connector for Dial {
+        type Stream = glommio::net::TcpStream;
+        async fn connect(&self) -> Result<Self::Stream, String> {
+            glommio::net::TcpStream::connect_timeout(self.0, Duration::from_secs(1))
+                .await
+                .map_err(|e| e.to_string())
+        }
+    }
+
+    fn config(op_timeout_ms: u64, inflight_max: usize) -> PipelineConfig {
+        PipelineConfig {
+            inflight_max,
+            op_timeout: Duration::from_millis(op_timeout_ms),
+            reconnect_backoff_min: Duration::from_millis(20),
+            reconnect_backoff_max: Duration::from_millis(100),
+            ..Default::default()
+        }
+    }
+
+    fn line(s: &str) -> impl FnOnce(&mut Vec<u8>) + '_ {
+        move |b: &mut Vec<u8>| {
+            b.extend_from_slice(s.as_bytes());
+            b.push(b'\n');
+        }
+    }
+
+    /// Sweeps every millisecond, like a shard's sweep task.
+    fn sweeper(p: &Rc<Pipeline<Lines>>) -> glommio::Task<()> {
+        let weak = Rc::downgrade(p);
+        glommio::spawn_local(async move {
+            while let Some(p) = weak.upgrade() {
+                p.sweep(Instant::now());
+                drop(p);
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    }
+
+    #[test]
+    fn concurrent_calls_get_their_own_replies_in_batched_writes() {
+        let (addr, _) = server();
+        crate::engine::run_local(async move {
+            let p = Rc::new(
+                Pipeline::<Lines>::connect(Dial(addr), config(2000, 4096))
+                    .await
+                    .unwrap(),
+            );
+            let tasks: Vec<_> = (0..2000)
+                .map(|i| {
+                    let p = p.clone();
+                    glommio::spawn_local(async move {
+                        let want = format!("req-{i}");
+                        assert_eq!(p.call(line(&want)).await.unwrap(), want);
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await;
+            }
+            let c = p.counters();
+            assert_eq!((c.calls, c.replies), (2000, 2000));
+            assert!(
+                c.flushes < 2000,
+                "writes were batched: {} flushes",
+                c.flushes
+            );
+        });
+    }
+
+    #[test]
+    fn timed_out_reply_is_dropped_not_delivered() {
+        let (addr, _) = server();
+        crate::engine::run_local(async move {
+            let p = Rc::new(
+                Pipeline::<Lines>::connect(Dial(addr), config(50, 64))
+                    .await
+                    .unwrap(),
+            );
+            let _sweep = sweeper(&p);
+            let slow = p.call(line("sleep:200:slow")).await;
+            assert_eq!(slow, Err(CallError::Timeout(Duration::from_millis(50))));
+            // Let the late reply arrive (the server answers in order), then the
+            // next call must get its own reply, not "slow".
+            glommio::timer::sleep(Duration::from_millis(250)).await;
+            assert_eq!(p.call(line("next")).await.unwrap(), "next");
+            let c = p.counters();
+            assert_eq!((c.timeouts, c.late_replies), (1, 1));
+        });
+    }
+
+    #[test]
+    fn a_dropped_call_leaves_a_placeholder() {
+        let (addr, _) = server();
+        crate::engine::run_local(async move {
+            let p = Rc::new(
+                Pipeline::<Lines>::connect(Dial(addr), config(2000, 64))
+                    .await
+                    .unwrap(),
+            );
+            let gave_up = glommio::timer::timeout(Duration::from_millis(20), async {
+                Ok(p.call(line("sleep:100:abandoned")).await)
+            })
+            .await;
+            assert!(gave_up.is_err(), "the caller gave up first");
+            assert_eq!(p.call(line("mine")).await.unwrap(), "mine");
+            assert_eq!(p.counters().late_replies, 1);
+        });
+    }
+
+    #[test]
+    fn overflow_fails_fast() {
+        let (addr, _) = server();
+        crate::engine::run_local(async move {
+            let p = Rc::new(
+                Pipeline::<Lines>::connect(Dial(addr), config(2000, 2))
+                    .await
+                    .unwrap(),
+            );
+            let a = glommio::spawn_local({
+                let p = p.clone();
+                async move { p.call(line("sleep:50:a")).await }
+            });
+            let b = glommio::spawn_local({
+                let p = p.clone();
+                async move { p.call(line("b")).await }
+            });
+            glommio::yield_if_needed().await;
+            glommio::executor().yield_task_queue_now().await;
+            assert_eq!(p.call(line("c")).await, Err(CallError::Overflow(2)));
+            assert_eq!(a.await.unwrap(), "sleep:50:a");
+            assert_eq!(b.await.unwrap(), "b");
+        });
+    }
+
+    #[test]
+    fn lost_connection_fails_everything_in_flight_then_reconnects() {
+        let (addr, accepted) = server();
+        crate::engine::run_local(async move {
+            let p = Rc::new(
+                Pipeline::<Lines>::connect(Dial(addr), config(2000, 64))
+                    .await
+                    .unwrap(),
+            );
+            let waiting: Vec<_> = (0..5)
+                .map(|i| {
+                    let p = p.clone();
+                    glommio::spawn_local(
+                        async move { p.call(line(&format!("sleep:30:w{i}"))).await },
+                    )
+                })
+                .collect();
+            glommio::executor().yield_task_queue_now().await;
+            // The server handles lines in order: `close` comes after the
+            // sleeps, so the five replies arrive, then the connection drops.
+            let closing = p.call(line("close")).await;
+            assert_eq!(closing, Err(CallError::Lost));
+            for w in waiting {
+                assert!(w.await.is_ok());
+            }
+            // Fails fast while down, then works again after the backoff.
+            let mut ok = false;
+            for _ in 0..200 {
+                match p.call(line("again")).await {
+                    Ok(r) => {
+                        assert_eq!(r, "again");
+                        ok = true;
+                        break;
+                    }
+                    Err(e) => assert_eq!(e, CallError::Disconnected),
+                }
+                glommio::timer::sleep(Duration::from_millis(5)).await;
+            }
+            assert!(ok, "reconnected");
+            assert_eq!(accepted.load(Ordering::SeqCst), 2);
+            let c = p.counters();
+            assert_eq!((c.disconnects, c.connects), (1, 2));
+        });
+    }
+
+    #[test]
+    fn a_reply_nobody_asked_for_drops_the_connection() {
+        let (addr, _) = server();
+        crate::engine::run_local(async move {
+            let p = Rc::new(
+                Pipeline::<Lines>::connect(Dial(addr), config(2000, 64))
+                    .await
+                    .unwrap(),
+            );
+            // "extra" is answered twice: the second reply has no request.
+            let _ = p.call(line("extra")).await;
+            let mut lost = false;
+            for _ in 0..100 {
+                if !p.is_up() {
+                    lost = true;
+                    break;
+                }
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+            }
+            assert!(lost, "desync detected and the connection dropped");
+        });
+    }
+
+    #[test]
+    fn bytes_the_codec_refuses_drop_the_connection() {
+        let (addr, _) = server();
+        crate::engine::run_local(async move {
+            let p = Rc::new(
+                Pipeline::<Lines>::connect(Dial(addr), config(2000, 64))
+                    .await
+                    .unwrap(),
+            );
+            assert_eq!(p.call(line("BAD")).await, Err(CallError::Lost));
+        });
+    }
+}
