@@ -43,6 +43,11 @@ pub struct BenchConfig {
     pub seed: u64,
     /// Print a live progress line (stdout is a terminal).
     pub progress: bool,
+    /// Offered load in claims/s over all shards (open loop); `None`: as fast
+    /// as `inflight` allows. Paced latency runs from each claim's scheduled
+    /// start, so a stall shows in the figures instead of hiding
+    /// (coordinated omission).
+    pub rate: Option<f64>,
 }
 
 impl Default for BenchConfig {
@@ -54,6 +59,7 @@ impl Default for BenchConfig {
             inflight: 1,
             seed: 1,
             progress: false,
+            rate: None,
         }
     }
 }
@@ -75,6 +81,8 @@ const WINDOW: usize = 4096;
 /// Claims between cooperative yields, so a shard's other tasks (inbox,
 /// maintenance) run even when claims never wait.
 const YIELD_EVERY: u32 = 64;
+/// A paced claim this close to its start time goes now rather than sleeping.
+const PACE_SLACK: Duration = Duration::from_micros(20);
 
 /// A shard's synthetic stream: TxIDs owned by `shard`, a chosen share of them
 /// repeats of recent ones, each TxID at most `copies` times.
@@ -219,6 +227,10 @@ async fn run_shard(
         anomalies: Cell::new(0),
     });
     let started = Instant::now();
+    let interval = cfg
+        .rate
+        .filter(|r| *r > 0.0)
+        .map(|r| Duration::from_secs_f64(s.shards() as f64 / r));
     let tasks: Vec<_> = (0..cfg.inflight.max(1))
         .map(|_| {
             let (s, st, done) = (s.clone(), state.clone(), done.clone());
@@ -230,9 +242,20 @@ async fn run_shard(
                     if st.issued.get() >= quota {
                         break;
                     }
-                    st.issued.set(st.issued.get() + 1);
+                    let k = st.issued.get();
+                    st.issued.set(k + 1);
                     let dup = st.stream.borrow_mut().next_into(&mut id);
-                    let t0 = Instant::now();
+                    let t0 = match interval {
+                        Some(every) => {
+                            let due = started + every.mul_f64(k as f64);
+                            let now = Instant::now();
+                            if due > now + PACE_SLACK {
+                                glommio::timer::sleep(due - now).await;
+                            }
+                            due
+                        }
+                        None => Instant::now(),
+                    };
                     let v = s.txids().claim(&id[..txid_len]).await;
                     let t1 = Instant::now();
                     let ns = (t1 - t0).as_nanos() as u64;
@@ -346,6 +369,7 @@ pub fn outcome_json(o: &BenchOutcome, cfg: &BenchConfig) -> String {
         "duplicate_ratio": o.duplicate_ratio,
         "copies": cfg.copies,
         "inflight": cfg.inflight,
+        "rate": cfg.rate,
         "seed": cfg.seed,
     });
     v["verdicts"] = serde_json::json!({

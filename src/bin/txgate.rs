@@ -65,6 +65,12 @@ fn bench_command() -> (Command, cache::flags::CacheFlags) {
                 .help("Claims outstanding per shard"),
         )
         .arg(
+            arg("rate", "TXGATE_RATE")
+                .value_name("CLAIMS_PER_SEC")
+                .value_parser(parse_rate)
+                .help("Offered load over all shards, open loop (default: as fast as --inflight allows); latency counts from each claim's scheduled start"),
+        )
+        .arg(
             arg("seed", "TXGATE_SEED")
                 .value_name("N")
                 .value_parser(value_parser!(u64))
@@ -119,6 +125,13 @@ fn bench_command() -> (Command, cache::flags::CacheFlags) {
                 .help("Draw latency percentile curves per shard as SVG"),
         );
     register_flags(cmd, "", "TXGATE_")
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if r.is_finite() && r >= 1.0 && r <= 1e9 => Ok(r),
+        _ => Err(format!("'{s}' is not a rate between 1 and 1e9 claims/s")),
+    }
 }
 
 fn parse_fraction(s: &str) -> Result<f64, String> {
@@ -210,6 +223,7 @@ fn run_bench(cmd: &mut Command, m: &ArgMatches, store: &cache::flags::CacheFlags
         inflight: *m.get_one::<u64>("inflight").expect("default") as usize,
         seed,
         progress: std::io::stdout().is_terminal(),
+        rate: m.get_one::<f64>("rate").copied(),
     };
     let backend = match cache::open(&config) {
         Ok(b) => b,
