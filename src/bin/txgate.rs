@@ -129,7 +129,7 @@ fn bench_command() -> (Command, cache::flags::CacheFlags) {
 
 fn parse_rate(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
-        Ok(r) if r.is_finite() && r >= 1.0 && r <= 1e9 => Ok(r),
+        Ok(r) if r.is_finite() && (1.0..=1e9).contains(&r) => Ok(r),
         _ => Err(format!("'{s}' is not a rate between 1 and 1e9 claims/s")),
     }
 }
