@@ -4,13 +4,13 @@ mod support;
 
 use txgate::cache::{self, BackendKind, Config};
 
-fn memory_engine() -> txgate::engine::Engine {
+fn memory_engine() -> ((), txgate::engine::Engine) {
     let backend = cache::open(&Config {
         backend: BackendKind::Memory,
         ..Config::default()
     })
     .expect("memory opens");
-    support::engine(4, backend)
+    ((), support::engine(4, backend))
 }
 
 contract_suite!(memory_engine);

@@ -61,13 +61,13 @@ pub fn fresh_key(tag: &str) -> Vec<u8> {
 
 /// Many concurrent `set_nx` on one key, from tasks on every shard and from
 /// plain threads at once: exactly one wins.
-pub fn create_only_race_has_exactly_one_winner(e: Engine) {
+pub fn create_only_race_has_exactly_one_winner(e: &Engine) {
     const PER_SHARD: usize = 25;
     const THREADS: usize = 4;
     const PER_THREAD: usize = 25;
     for round in 0..5 {
         let key = fresh_key(&format!("race{round}"));
-        let e = Arc::new(&e);
+        let e = Arc::new(e);
         let wins = AtomicUsize::new(0);
         std::thread::scope(|scope| {
             for t in 0..THREADS {
@@ -115,80 +115,80 @@ pub fn create_only_race_has_exactly_one_winner(e: Engine) {
 
 /// An entry with a TTL reads back before it and is gone after it; the key
 /// can then be created again.
-pub fn ttl_expiry(e: Engine) {
+pub fn ttl_expiry(e: &Engine) {
     let key = fresh_key("ttl");
-    assert!(set_nx(&e, &key, b"v", Duration::from_millis(300)));
-    assert!(!set_nx(&e, &key, b"w", Duration::from_millis(300)));
-    assert_eq!(get(&e, &key).as_deref(), Some(&b"v"[..]));
+    assert!(set_nx(e, &key, b"v", Duration::from_millis(300)));
+    assert!(!set_nx(e, &key, b"w", Duration::from_millis(300)));
+    assert_eq!(get(e, &key).as_deref(), Some(&b"v"[..]));
     std::thread::sleep(Duration::from_millis(1200));
-    assert_eq!(get(&e, &key), None, "expired entry still readable");
+    assert_eq!(get(e, &key), None, "expired entry still readable");
     assert!(
-        set_nx(&e, &key, b"x", Duration::from_secs(10)),
+        set_nx(e, &key, b"x", Duration::from_secs(10)),
         "expired key not re-creatable"
     );
 }
 
 /// ttl 0 means no expiry.
-pub fn ttl_zero_never_expires(e: Engine) {
+pub fn ttl_zero_never_expires(e: &Engine) {
     let key = fresh_key("ttl0");
-    assert!(set_nx(&e, &key, b"v", Duration::ZERO));
+    assert!(set_nx(e, &key, b"v", Duration::ZERO));
     let key2 = fresh_key("ttl0set");
-    set(&e, &key2, b"w", Duration::ZERO);
+    set(e, &key2, b"w", Duration::ZERO);
     std::thread::sleep(Duration::from_millis(1200));
-    assert_eq!(get(&e, &key).as_deref(), Some(&b"v"[..]));
-    assert_eq!(get(&e, &key2).as_deref(), Some(&b"w"[..]));
-    del(&e, &key);
-    del(&e, &key2);
+    assert_eq!(get(e, &key).as_deref(), Some(&b"v"[..]));
+    assert_eq!(get(e, &key2).as_deref(), Some(&b"w"[..]));
+    del(e, &key);
+    del(e, &key2);
 }
 
 /// A miss is `None`, not an error.
-pub fn get_miss_is_none(e: Engine) {
-    assert_eq!(get(&e, &fresh_key("miss")), None);
+pub fn get_miss_is_none(e: &Engine) {
+    assert_eq!(get(e, &fresh_key("miss")), None);
 }
 
 /// Deleting an absent key is fine; deleting a present one removes it.
-pub fn del_absent_is_fine(e: Engine) {
+pub fn del_absent_is_fine(e: &Engine) {
     let key = fresh_key("del");
-    del(&e, &key);
-    set(&e, &key, b"v", Duration::from_secs(30));
-    del(&e, &key);
-    assert_eq!(get(&e, &key), None);
-    assert!(set_nx(&e, &key, b"again", Duration::from_secs(30)));
-    del(&e, &key);
+    del(e, &key);
+    set(e, &key, b"v", Duration::from_secs(30));
+    del(e, &key);
+    assert_eq!(get(e, &key), None);
+    assert!(set_nx(e, &key, b"again", Duration::from_secs(30)));
+    del(e, &key);
 }
 
 /// `set` overwrites; `set_nx` on a live key changes nothing.
-pub fn overwrite(e: Engine) {
+pub fn overwrite(e: &Engine) {
     let key = fresh_key("over");
-    set(&e, &key, b"one", Duration::from_secs(30));
-    set(&e, &key, b"two", Duration::from_secs(30));
-    assert_eq!(get(&e, &key).as_deref(), Some(&b"two"[..]));
-    assert!(!set_nx(&e, &key, b"three", Duration::from_secs(30)));
-    assert_eq!(get(&e, &key).as_deref(), Some(&b"two"[..]));
-    del(&e, &key);
+    set(e, &key, b"one", Duration::from_secs(30));
+    set(e, &key, b"two", Duration::from_secs(30));
+    assert_eq!(get(e, &key).as_deref(), Some(&b"two"[..]));
+    assert!(!set_nx(e, &key, b"three", Duration::from_secs(30)));
+    assert_eq!(get(e, &key).as_deref(), Some(&b"two"[..]));
+    del(e, &key);
 }
 
 /// Keys and values are opaque bytes: every byte value, CR LF and NUL
 /// included; empty values; a 1 MiB value.
-pub fn binary_keys_and_values(e: Engine) {
+pub fn binary_keys_and_values(e: &Engine) {
     let mut key = fresh_key("bin");
     key.extend((0..=255u8).rev());
     key.extend(b"\r\n\0$*");
     let all: Vec<u8> = (0..=255u8).chain(*b"\r\n\0").collect();
-    set(&e, &key, &all, Duration::from_secs(30));
-    assert_eq!(get(&e, &key), Some(all));
+    set(e, &key, &all, Duration::from_secs(30));
+    assert_eq!(get(e, &key), Some(all));
 
     let empty = fresh_key("empty-val");
-    set(&e, &empty, b"", Duration::from_secs(30));
-    assert_eq!(get(&e, &empty), Some(Vec::new()));
-    assert!(!set_nx(&e, &empty, b"x", Duration::from_secs(30)));
+    set(e, &empty, b"", Duration::from_secs(30));
+    assert_eq!(get(e, &empty), Some(Vec::new()));
+    assert!(!set_nx(e, &empty, b"x", Duration::from_secs(30)));
 
     let big_key = fresh_key("big");
     let big: Vec<u8> = (0..1 << 20)
         .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
         .collect();
-    assert!(set_nx(&e, &big_key, &big, Duration::from_secs(30)));
-    let back = get(&e, &big_key).expect("1 MiB value reads back");
+    assert!(set_nx(e, &big_key, &big, Duration::from_secs(30)));
+    let back = get(e, &big_key).expect("1 MiB value reads back");
     assert_eq!(back.len(), big.len());
     assert!(back == big, "1 MiB value differs");
 
@@ -201,49 +201,56 @@ pub fn binary_keys_and_values(e: Engine) {
         })
         .collect();
     for k in &keys {
-        set(&e, k, k, Duration::from_secs(30));
+        set(e, k, k, Duration::from_secs(30));
     }
     for k in &keys {
-        assert_eq!(get(&e, k).as_ref(), Some(k));
-        del(&e, k);
+        assert_eq!(get(e, k).as_ref(), Some(k));
+        del(e, k);
     }
     for k in [key, empty, big_key] {
-        del(&e, &k);
+        del(e, &k);
     }
 }
 
 /// One `#[test]` per contract rule for a backend; `$make` builds a fresh
-/// engine over it.
+/// engine over it, returned with whatever must outlive it (a server).
 #[macro_export]
 macro_rules! contract_suite {
     ($make:expr) => {
         #[test]
         fn contract_create_only_race_has_exactly_one_winner() {
-            support::contract::create_only_race_has_exactly_one_winner($make());
+            let (_keep, e) = $make();
+            support::contract::create_only_race_has_exactly_one_winner(&e);
         }
         #[test]
         fn contract_ttl_expiry() {
-            support::contract::ttl_expiry($make());
+            let (_keep, e) = $make();
+            support::contract::ttl_expiry(&e);
         }
         #[test]
         fn contract_ttl_zero_never_expires() {
-            support::contract::ttl_zero_never_expires($make());
+            let (_keep, e) = $make();
+            support::contract::ttl_zero_never_expires(&e);
         }
         #[test]
         fn contract_get_miss_is_none() {
-            support::contract::get_miss_is_none($make());
+            let (_keep, e) = $make();
+            support::contract::get_miss_is_none(&e);
         }
         #[test]
         fn contract_del_absent_is_fine() {
-            support::contract::del_absent_is_fine($make());
+            let (_keep, e) = $make();
+            support::contract::del_absent_is_fine(&e);
         }
         #[test]
         fn contract_overwrite() {
-            support::contract::overwrite($make());
+            let (_keep, e) = $make();
+            support::contract::overwrite(&e);
         }
         #[test]
         fn contract_binary_keys_and_values() {
-            support::contract::binary_keys_and_values($make());
+            let (_keep, e) = $make();
+            support::contract::binary_keys_and_values(&e);
         }
     };
 }

@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 pub mod contract;
+pub mod proxy;
+pub mod redis;
 
 use std::time::Duration;
 

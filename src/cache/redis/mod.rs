@@ -11,11 +11,14 @@
 //! - [`open`] dials and verifies (PING, AUTH, version, cluster probe) within
 //!   the dial timeout and fails closed with a specific error.
 
+pub mod cluster;
 pub mod resp;
 
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream as StdTcpStream, ToSocketAddrs};
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,7 +26,11 @@ use glommio::net::TcpStream;
 
 use super::{CacheError, Config};
 use crate::pipeline::{CallError, Connector, Pipeline, PipelineConfig, Protocol};
+use cluster::{NodeAddr, Redirect, SlotMap, hash_slot, parse_cluster_slots, parse_redirect};
 use resp::{Reply, decode_reply, encode_command};
+
+/// Shortest gap between two slot-map refreshes of one shard.
+const REFRESH_GAP: Duration = Duration::from_millis(100);
 
 /// RESP2 as the pipeline's reply codec.
 pub struct Resp;
@@ -66,6 +73,10 @@ struct Settings {
     op_timeout: Duration,
     inflight_max: usize,
     info: ServerInfo,
+    /// The seed's host: what an empty host in a cluster reply means.
+    seed_host: String,
+    /// The slot map read at open (cluster mode only).
+    slots: Option<SlotMap>,
 }
 
 impl RedisBackend {
@@ -74,47 +85,254 @@ impl RedisBackend {
         &self.inner.info
     }
 
-    /// Dials shard `shard`'s connection (handshake included).
+    /// Dials shard `shard`'s connections (handshake included): one to the
+    /// server, or one per master of a cluster.
     pub async fn shard(&self, shard: usize) -> Result<RedisShard, CacheError> {
         let s = &self.inner;
-        let connector = RedisConnector {
-            settings: s.clone(),
-            name: format!("{}-s{shard}", s.client_name),
-        };
-        let pipeline = Pipeline::<Resp>::connect(
-            connector,
-            PipelineConfig {
-                inflight_max: s.inflight_max,
-                op_timeout: s.op_timeout,
-                ..PipelineConfig::default()
-            },
-        )
-        .await
-        .map_err(|detail| CacheError::Connect {
-            addr: s.addr_text.clone(),
-            detail,
-        })?;
-        let pipeline = Rc::new(pipeline);
         let sweep_every =
             (s.op_timeout / 10).clamp(Duration::from_millis(1), Duration::from_millis(10));
-        let swept = Rc::downgrade(&pipeline);
-        let sweeper = glommio::spawn_local(async move {
-            loop {
-                glommio::timer::sleep(sweep_every).await;
-                let Some(p) = swept.upgrade() else { return };
-                p.sweep(Instant::now());
+        match &s.slots {
+            None => {
+                let pipeline = Rc::new(dial(s, s.addr, &s.addr_text, shard).await?);
+                let swept = Rc::downgrade(&pipeline);
+                let sweeper = glommio::spawn_local(async move {
+                    loop {
+                        glommio::timer::sleep(sweep_every).await;
+                        let Some(p) = swept.upgrade() else { return };
+                        p.sweep(Instant::now());
+                    }
+                });
+                Ok(RedisShard {
+                    mode: Mode::Standalone(pipeline),
+                    _sweeper: sweeper,
+                    settings: s.clone(),
+                })
             }
-        });
-        Ok(RedisShard {
-            pipeline,
-            _sweeper: sweeper,
-            settings: s.clone(),
-        })
+            Some(map) => {
+                let cluster = Rc::new(Cluster {
+                    settings: s.clone(),
+                    shard,
+                    map: RefCell::new(map.clone()),
+                    conns: RefCell::new(HashMap::new()),
+                    dialing: RefCell::new(Vec::new()),
+                    refresh_wanted: Cell::new(false),
+                    refreshed_at: Cell::new(Instant::now()),
+                    disconnects_seen: Cell::new(0),
+                    redirects: Cell::default(),
+                });
+                for node in map.nodes() {
+                    let p = cluster.dial_node(node).await?;
+                    cluster.conns.borrow_mut().insert(node.clone(), p);
+                }
+                let weak = Rc::downgrade(&cluster);
+                let sweeper = glommio::spawn_local(cluster_upkeep(weak, sweep_every));
+                Ok(RedisShard {
+                    mode: Mode::Cluster(cluster),
+                    _sweeper: sweeper,
+                    settings: s.clone(),
+                })
+            }
+        }
+    }
+}
+
+async fn dial(
+    s: &Arc<Settings>,
+    addr: SocketAddr,
+    addr_text: &str,
+    shard: usize,
+) -> Result<Pipeline<Resp>, CacheError> {
+    let connector = RedisConnector {
+        settings: s.clone(),
+        addr,
+        addr_text: addr_text.to_owned(),
+        name: format!("{}-s{shard}", s.client_name),
+    };
+    Pipeline::<Resp>::connect(
+        connector,
+        PipelineConfig {
+            inflight_max: s.inflight_max,
+            op_timeout: s.op_timeout,
+            ..PipelineConfig::default()
+        },
+    )
+    .await
+    .map_err(|detail| CacheError::Connect {
+        addr: addr_text.to_owned(),
+        detail,
+    })
+}
+
+/// One shard's view of a Redis Cluster: its own slot map (refreshed on
+/// `MOVED` and on connection loss, at most every [`REFRESH_GAP`]) and one
+/// pipelined connection per master. A dead master fails only its slots.
+struct Cluster {
+    settings: Arc<Settings>,
+    shard: usize,
+    map: RefCell<SlotMap>,
+    conns: RefCell<HashMap<NodeAddr, Rc<Pipeline<Resp>>>>,
+    /// Nodes being dialed: a second caller fails fast instead of dialing twice.
+    dialing: RefCell<Vec<NodeAddr>>,
+    refresh_wanted: Cell<bool>,
+    refreshed_at: Cell<Instant>,
+    disconnects_seen: Cell<u64>,
+    redirects: Cell<Redirects>,
+}
+
+/// Cluster redirects followed by one shard.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Redirects {
+    pub moved: u64,
+    pub ask: u64,
+    pub refreshes: u64,
+}
+
+impl Cluster {
+    async fn dial_node(&self, node: &NodeAddr) -> Result<Rc<Pipeline<Resp>>, CacheError> {
+        let text = node.socket_addr_string();
+        // Nodes announce IPs; a hostname is resolved here, on this cold path.
+        let addr = match text.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => text
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| CacheError::Connect {
+                    addr: text.clone(),
+                    detail: "cannot resolve cluster node".into(),
+                })?,
+        };
+        Ok(Rc::new(
+            dial(&self.settings, addr, &text, self.shard).await?,
+        ))
+    }
+
+    /// The connection to `node`, dialing it if the map named a new one.
+    async fn conn(&self, node: &NodeAddr) -> Result<Rc<Pipeline<Resp>>, CallError> {
+        if let Some(p) = self.conns.borrow().get(node) {
+            return Ok(p.clone());
+        }
+        if self.dialing.borrow().contains(node) {
+            return Err(CallError::Disconnected);
+        }
+        self.dialing.borrow_mut().push(node.clone());
+        let dialed = self.dial_node(node).await;
+        self.dialing.borrow_mut().retain(|n| n != node);
+        match dialed {
+            Ok(p) => {
+                self.conns.borrow_mut().insert(node.clone(), p.clone());
+                Ok(p)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "dialing a cluster node failed");
+                Err(CallError::Disconnected)
+            }
+        }
+    }
+
+    /// Sends a single-key command to its slot's master, following one
+    /// `MOVED` (map patched, refresh requested) or one `ASK` (`ASKING` then
+    /// the command, same connection, adjacent in its pipeline).
+    async fn exec(&self, key: &[u8], encode: impl Fn(&mut Vec<u8>)) -> Result<Reply, CallError> {
+        let slot = hash_slot(key);
+        let node = {
+            let map = self.map.borrow();
+            map.node_for_slot(slot).and_then(|i| map.node(i).cloned())
+        };
+        let Some(node) = node else {
+            self.refresh_wanted.set(true);
+            return Err(CallError::Disconnected);
+        };
+        let reply = self.conn(&node).await?.call(&encode).await?;
+        let Reply::Error(err) = &reply else {
+            return Ok(reply);
+        };
+        match parse_redirect(err, &self.settings.seed_host) {
+            None => Ok(reply),
+            Some(Redirect::Moved { slot, addr }) => {
+                self.count(|r| r.moved += 1);
+                self.map.borrow_mut().assign(slot, &addr);
+                self.refresh_wanted.set(true);
+                self.conn(&addr).await?.call(&encode).await
+            }
+            Some(Redirect::Ask { addr, .. }) => {
+                self.count(|r| r.ask += 1);
+                let p = self.conn(&addr).await?;
+                let asking = p.call(|b| encode_command(b, &[b"ASKING"]));
+                let (_, reply) = futures_lite::future::zip(asking, p.call(&encode)).await;
+                reply
+            }
+        }
+    }
+
+    fn count(&self, f: impl FnOnce(&mut Redirects)) {
+        let mut r = self.redirects.get();
+        f(&mut r);
+        self.redirects.set(r);
+    }
+
+    fn sweep(&self, now: Instant) {
+        let mut disconnects = 0;
+        for p in self.conns.borrow().values() {
+            p.sweep(now);
+            disconnects += p.counters().disconnects;
+        }
+        if disconnects != self.disconnects_seen.get() {
+            self.disconnects_seen.set(disconnects);
+            self.refresh_wanted.set(true);
+        }
+    }
+
+    /// Reads `CLUSTER SLOTS` from any live master and swaps the map in.
+    async fn refresh(&self) {
+        self.count(|r| r.refreshes += 1);
+        self.refresh_wanted.set(false);
+        self.refreshed_at.set(Instant::now());
+        let live: Vec<_> = self
+            .conns
+            .borrow()
+            .values()
+            .filter(|p| p.is_up())
+            .cloned()
+            .collect();
+        for p in live {
+            let Ok(reply) = p.call(|b| encode_command(b, &[b"CLUSTER", b"SLOTS"])).await else {
+                continue;
+            };
+            match parse_cluster_slots(&reply, &self.settings.seed_host) {
+                Ok(map) => {
+                    let keep: Vec<NodeAddr> = map.nodes().to_vec();
+                    *self.map.borrow_mut() = map;
+                    // Drop connections to nodes that serve nothing now.
+                    self.conns.borrow_mut().retain(|n, _| keep.contains(n));
+                    return;
+                }
+                Err(e) => tracing::debug!(error = %e, "bad CLUSTER SLOTS reply"),
+            }
+        }
+        // Nothing answered: try again after the gap.
+        self.refresh_wanted.set(true);
+    }
+}
+
+/// Per shard: the op-timeout sweep of every connection and, when wanted,
+/// a slot-map refresh (cold path, rate-limited).
+async fn cluster_upkeep(weak: Weak<Cluster>, every: Duration) {
+    loop {
+        glommio::timer::sleep(every).await;
+        let Some(c) = weak.upgrade() else { return };
+        let now = Instant::now();
+        c.sweep(now);
+        if c.refresh_wanted.get() && now.duration_since(c.refreshed_at.get()) >= REFRESH_GAP {
+            c.refresh().await;
+        }
     }
 }
 
 struct RedisConnector {
     settings: Arc<Settings>,
+    addr: SocketAddr,
+    addr_text: String,
     name: String,
 }
 
@@ -125,9 +343,9 @@ impl Connector for RedisConnector {
         let s = &self.settings;
         let deadline = s.dial_timeout;
         let work = async {
-            let mut stream = TcpStream::connect_timeout(s.addr, deadline)
+            let mut stream = TcpStream::connect_timeout(self.addr, deadline)
                 .await
-                .map_err(|e| format!("dialing {}: {e}", s.addr_text))?;
+                .map_err(|e| format!("dialing {}: {e}", self.addr_text))?;
             stream
                 .set_nodelay(true)
                 .map_err(|e| format!("TCP_NODELAY: {e}"))?;
@@ -142,7 +360,7 @@ impl Connector for RedisConnector {
             Ok(r) => r,
             Err(_) => Err(format!(
                 "no connection to {} within {} ms",
-                s.addr_text,
+                self.addr_text,
                 deadline.as_millis()
             )),
         }
@@ -213,9 +431,14 @@ async fn roundtrip_async(stream: &mut TcpStream, args: &[&[u8]]) -> Result<Reply
 
 /// One shard's Redis backend.
 pub struct RedisShard {
-    pipeline: Rc<Pipeline<Resp>>,
+    mode: Mode,
     _sweeper: glommio::Task<()>,
     settings: Arc<Settings>,
+}
+
+enum Mode {
+    Standalone(Rc<Pipeline<Resp>>),
+    Cluster(Rc<Cluster>),
 }
 
 fn px(ttl: Duration) -> Option<Vec<u8>> {
@@ -260,26 +483,33 @@ impl RedisShard {
         get: bool,
     ) -> Result<Reply, CallError> {
         let px = px(ttl);
-        self.pipeline
-            .call(|b| {
-                let mut args: [&[u8]; 7] = [b"SET", key, val, b"", b"", b"", b""];
-                let mut n = 3;
-                if nx {
-                    args[n] = b"NX";
-                    n += 1;
-                }
-                if let Some(ms) = &px {
-                    args[n] = b"PX";
-                    args[n + 1] = ms;
-                    n += 2;
-                }
-                if get {
-                    args[n] = b"GET";
-                    n += 1;
-                }
-                encode_command(b, &args[..n]);
-            })
-            .await
+        self.exec(key, |b| {
+            let mut args: [&[u8]; 7] = [b"SET", key, val, b"", b"", b"", b""];
+            let mut n = 3;
+            if nx {
+                args[n] = b"NX";
+                n += 1;
+            }
+            if let Some(ms) = &px {
+                args[n] = b"PX";
+                args[n + 1] = ms;
+                n += 2;
+            }
+            if get {
+                args[n] = b"GET";
+                n += 1;
+            }
+            encode_command(b, &args[..n]);
+        })
+        .await
+    }
+
+    /// Sends a single-key command where `key` lives.
+    async fn exec(&self, key: &[u8], encode: impl Fn(&mut Vec<u8>)) -> Result<Reply, CallError> {
+        match &self.mode {
+            Mode::Standalone(p) => p.call(encode).await,
+            Mode::Cluster(c) => c.exec(key, encode).await,
+        }
     }
 
     /// `SET k v NX [PX ms]`; after an ambiguous failure, one `… NX … GET`
@@ -314,11 +544,7 @@ impl RedisShard {
 
     /// `GET k`: `None` on a miss.
     pub async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, CacheError> {
-        match self
-            .pipeline
-            .call(|b| encode_command(b, &[b"GET", key]))
-            .await
-        {
+        match self.exec(key, |b| encode_command(b, &[b"GET", key])).await {
             Ok(Reply::Bulk(v)) => Ok(Some(v)),
             Ok(Reply::Nil) => Ok(None),
             Ok(other) => Err(unexpected("get", other)),
@@ -328,32 +554,63 @@ impl RedisShard {
 
     /// `DEL k`: 0 or 1 removed, both fine.
     pub async fn del(&self, key: &[u8]) -> Result<(), CacheError> {
-        match self
-            .pipeline
-            .call(|b| encode_command(b, &[b"DEL", key]))
-            .await
-        {
+        match self.exec(key, |b| encode_command(b, &[b"DEL", key])).await {
             Ok(Reply::Int(_)) => Ok(()),
             Ok(other) => Err(unexpected("del", other)),
             Err(e) => Err(call_error("del", e, self.settings.op_timeout)),
         }
     }
 
-    /// `PING` within the dial timeout; cold path.
+    /// `PING` to every connection within the dial timeout; cold path.
     pub async fn healthy(&self) -> bool {
-        let ping = self.pipeline.call(|b| encode_command(b, &[b"PING"]));
-        let bounded = glommio::timer::timeout(self.settings.dial_timeout, async { Ok(ping.await) });
-        matches!(bounded.await, Ok(Ok(Reply::Simple(_))))
+        for p in self.pipelines() {
+            let ping = p.call(|b| encode_command(b, &[b"PING"]));
+            let bounded =
+                glommio::timer::timeout(self.settings.dial_timeout, async { Ok(ping.await) });
+            if !matches!(bounded.await, Ok(Ok(Reply::Simple(_)))) {
+                return false;
+            }
+        }
+        true
     }
 
-    /// The connection's counters.
+    fn pipelines(&self) -> Vec<Rc<Pipeline<Resp>>> {
+        match &self.mode {
+            Mode::Standalone(p) => vec![p.clone()],
+            Mode::Cluster(c) => c.conns.borrow().values().cloned().collect(),
+        }
+    }
+
+    /// Cluster redirects this shard followed (zeros when standalone).
+    pub fn redirects(&self) -> Redirects {
+        match &self.mode {
+            Mode::Standalone(_) => Redirects::default(),
+            Mode::Cluster(c) => c.redirects.get(),
+        }
+    }
+
+    /// Counters summed over this shard's connections.
     pub fn counters(&self) -> crate::pipeline::PipelineCounters {
-        self.pipeline.counters()
+        let mut t = crate::pipeline::PipelineCounters::default();
+        for p in self.pipelines() {
+            let c = p.counters();
+            t.calls += c.calls;
+            t.replies += c.replies;
+            t.timeouts += c.timeouts;
+            t.late_replies += c.late_replies;
+            t.overflows += c.overflows;
+            t.disconnects += c.disconnects;
+            t.connects += c.connects;
+            t.flushes += c.flushes;
+        }
+        t
     }
 
     /// Fails everything in flight and stops reconnecting.
     pub fn close(&self) {
-        self.pipeline.close();
+        for p in self.pipelines() {
+            p.close();
+        }
     }
 }
 
@@ -378,6 +635,8 @@ pub fn open(config: &Config) -> Result<RedisBackend, CacheError> {
             detail: "resolves to no address".into(),
         })?;
     let mut settings = Settings {
+        seed_host: addr.ip().to_string(),
+        slots: None,
         addr,
         addr_text: addr_text.clone(),
         username: config.redis_username.clone(),
@@ -393,13 +652,15 @@ pub fn open(config: &Config) -> Result<RedisBackend, CacheError> {
             cluster: false,
         },
     };
-    settings.info = verify(&settings)?;
+    let (info, slots) = verify(&settings)?;
+    settings.info = info;
+    settings.slots = slots;
     Ok(RedisBackend {
         inner: Arc::new(settings),
     })
 }
 
-fn verify(s: &Settings) -> Result<ServerInfo, CacheError> {
+fn verify(s: &Settings) -> Result<(ServerInfo, Option<SlotMap>), CacheError> {
     let addr = s.addr_text.clone();
     let deadline = Instant::now() + s.dial_timeout;
     let timed_out = || CacheError::DialTimeout {
@@ -507,11 +768,32 @@ fn verify(s: &Settings) -> Result<ServerInfo, CacheError> {
     let version = info_field(&server, "redis_version")
         .and_then(parse_version)
         .unwrap_or((0, 0, 0));
-    Ok(ServerInfo {
+    let info = ServerInfo {
         version,
         nx_get: version >= (7, 0, 0),
         cluster: info_field(&cluster, "cluster_enabled") == Some("1"),
-    })
+    };
+    if !info.cluster {
+        return Ok((info, None));
+    }
+    if s.db != 0 {
+        return Err(CacheError::Config(format!(
+            "{addr} is a Redis Cluster node: SELECT {} is not available (cluster mode has database 0 only)",
+            s.db
+        )));
+    }
+    let reply = ask(&[b"CLUSTER", b"SLOTS"])?;
+    let map = parse_cluster_slots(&reply, &s.seed_host).map_err(|e| CacheError::Connect {
+        addr: addr.clone(),
+        detail: format!("reading the cluster's slot map: {e}"),
+    })?;
+    if map.nodes().is_empty() {
+        return Err(CacheError::Connect {
+            addr: addr.clone(),
+            detail: "the cluster serves no slots yet".into(),
+        });
+    }
+    Ok((info, Some(map)))
 }
 
 fn info_field<'a>(info: &'a [u8], field: &str) -> Option<&'a str> {

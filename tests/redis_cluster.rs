@@ -1,0 +1,166 @@
+//! The Redis backend against a real 3-master Redis Cluster found from one
+//! seed address: the contract suite, routing, a dead master, and claims
+//! racing a live slot migration.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use support::redis::{RedisCluster, require_redis};
+use txgate::cache::{self, BackendKind, Config};
+use txgate::engine::{Engine, Op, Reply};
+
+fn config(seed: &str) -> Config {
+    Config {
+        backend: BackendKind::Redis,
+        redis_addr: Some(seed.to_owned()),
+        op_timeout: Duration::from_secs(2),
+        dial_timeout: Duration::from_secs(2),
+        ..Config::default()
+    }
+}
+
+fn cluster_engine() -> (RedisCluster, Engine) {
+    require_redis();
+    let cluster = RedisCluster::start();
+    let backend = cache::open(&config(&cluster.seed_addr())).expect("cluster opens");
+    let engine = support::engine(4, backend);
+    (cluster, engine)
+}
+
+contract_suite!(cluster_engine);
+
+fn set(e: &Engine, key: &[u8], val: &[u8]) {
+    let op = Op::Set {
+        key: key.to_vec(),
+        val: val.to_vec(),
+        ttl: Duration::from_secs(60),
+    };
+    assert_eq!(e.op_blocking(key, op).unwrap(), Reply::Set);
+}
+
+#[test]
+fn keys_land_on_their_slots_master() {
+    let (cluster, e) = cluster_engine();
+    for i in 0..200 {
+        let key = format!("route:{i}");
+        set(&e, key.as_bytes(), b"v");
+        let node = cluster.node_for_key(key.as_bytes());
+        let got = cluster.node(node).cli(&["GET", &key]);
+        assert_eq!(got.trim(), "v", "{key} on node {node}");
+    }
+}
+
+#[test]
+fn a_dead_master_fails_only_its_own_slots() {
+    let (cluster, _) = cluster_engine();
+    let mut cfg = config(&cluster.seed_addr());
+    cfg.op_timeout = Duration::from_millis(200);
+    let e = support::engine(2, cache::open(&cfg).unwrap());
+    let dead = 2;
+    // Kill a master that is not the seed.
+    cluster.node(dead).kill9();
+    let (mut ok, mut failed) = (0, 0);
+    for i in 0..300 {
+        let key = format!("dead:{i}");
+        let op = Op::Set {
+            key: key.clone().into_bytes(),
+            val: b"v".to_vec(),
+            ttl: Duration::ZERO,
+        };
+        let on_dead = cluster.node_for_key(key.as_bytes()) == dead;
+        match e.op_blocking(key.as_bytes(), op) {
+            Ok(_) => {
+                assert!(!on_dead, "{key} succeeded on a dead node");
+                ok += 1;
+            }
+            Err(_) => {
+                assert!(on_dead, "{key} failed but its master is alive");
+                failed += 1;
+            }
+        }
+    }
+    assert!(ok > 0 && failed > 0, "ok {ok}, failed {failed}");
+}
+
+/// Claims (set_nx of a few keys, over and over, from every shard of two
+/// engines) while their slot migrates between masters: exactly one `true`
+/// per key.
+#[test]
+fn slot_migration_under_claims_keeps_exactly_one_winner_per_key() {
+    let (cluster, a) = cluster_engine();
+    let b = support::engine(2, cache::open(&config(&cluster.seed_addr())).unwrap());
+    let tag = support::redis::hashtag_for_slot(1234);
+    // All keys share the tag, so all live in one slot.
+    let keys: Vec<Vec<u8>> = (0..60)
+        .map(|i| format!("{{{tag}}}:claim:{i}").into_bytes())
+        .collect();
+    let slot = support::redis::key_slot(&keys[0]);
+    assert_eq!(slot, 1234);
+    let from = cluster.node_for_slot(slot);
+    let to = (from + 1) % 3;
+    // Half the keys exist before the migration starts, so some move.
+    let wins: Arc<Vec<AtomicUsize>> = Arc::new(keys.iter().map(|_| AtomicUsize::new(0)).collect());
+    let claim_all = |e: &Engine, keys: &[Vec<u8>]| {
+        for (i, k) in keys.iter().enumerate() {
+            let op = Op::SetNx {
+                key: k.clone(),
+                val: b"me".to_vec(),
+                ttl: Duration::from_secs(60),
+            };
+            if let Ok(Reply::SetNx(true)) = e.op_blocking(k, op) {
+                wins[i].fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    };
+    claim_all(&a, &keys[..30]);
+    cluster.begin_migration(slot, from, to);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for _ in 0..5 {
+                claim_all(&a, &keys);
+            }
+        });
+        s.spawn(|| {
+            for _ in 0..5 {
+                claim_all(&b, &keys);
+            }
+        });
+        s.spawn(|| {
+            cluster.move_keys(slot, from, to);
+        });
+    });
+    cluster.finish_migration(slot, from, to);
+    for _ in 0..3 {
+        claim_all(&a, &keys);
+        claim_all(&b, &keys);
+    }
+    // The claims really raced the migration: redirects were followed.
+    let mut asks_and_moves = 0;
+    for e in [&a, &b] {
+        let per_shard = futures_lite::future::block_on(e.on_every_shard(|s| async move {
+            match s.backend().map(|b| &**b) {
+                Some(txgate::cache::ShardBackend::Redis(r)) => {
+                    let d = r.redirects();
+                    d.ask + d.moved
+                }
+                _ => 0,
+            }
+        }))
+        .unwrap();
+        asks_and_moves += per_shard.iter().sum::<u64>();
+    }
+    assert!(
+        asks_and_moves > 0,
+        "no ASK or MOVED was seen: the test did not race the migration"
+    );
+    for (i, w) in wins.iter().enumerate() {
+        assert_eq!(w.load(Ordering::SeqCst), 1, "winners of key {i}");
+    }
+    for k in &keys {
+        let on = cluster.node(to).cmd_bytes(&[b"EXISTS", k]);
+        assert_eq!(on, support::redis::Resp::Int(1), "key on the new owner");
+    }
+}

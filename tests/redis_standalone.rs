@@ -1,0 +1,166 @@
+//! The Redis backend against a real standalone `redis-server`: the contract
+//! suite, fail-closed open with specific errors, AUTH/ACL/SELECT, and claims.
+
+mod support;
+
+use std::time::Duration;
+
+use support::redis::{RedisServer, require_redis};
+use txgate::cache::{self, BackendKind, CacheError, Config};
+use txgate::engine::{Engine, Op, Reply};
+use txgate::txidset::{Forward, Suppress, Verdict};
+
+fn config(addr: &str) -> Config {
+    Config {
+        backend: BackendKind::Redis,
+        redis_addr: Some(addr.to_owned()),
+        // The contract is about semantics; a loaded 2-core CI box must not
+        // turn a 1 MiB write into a timeout.
+        op_timeout: Duration::from_secs(2),
+        dial_timeout: Duration::from_secs(2),
+        ..Config::default()
+    }
+}
+
+fn redis_engine() -> (RedisServer, Engine) {
+    require_redis();
+    let server = RedisServer::start();
+    let backend = cache::open(&config(&server.addr())).expect("redis opens");
+    let engine = support::engine(4, backend);
+    (server, engine)
+}
+
+contract_suite!(redis_engine);
+
+#[test]
+fn open_refused_names_the_address() {
+    let port = support::redis::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    match cache::open(&config(&addr)) {
+        Err(CacheError::Refused { addr: a }) => assert_eq!(a, addr),
+        other => panic!("want Refused, got {other:?}"),
+    }
+}
+
+#[test]
+fn open_against_a_silent_server_times_out_within_the_dial_timeout() {
+    // Accepts, never answers.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let mut cfg = config(&addr);
+    cfg.dial_timeout = Duration::from_millis(300);
+    let t0 = std::time::Instant::now();
+    let r = cache::open(&cfg);
+    assert!(matches!(r, Err(CacheError::DialTimeout { .. })), "{r:?}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "bounded, not a hang");
+    drop(l);
+}
+
+#[test]
+fn open_against_an_http_server_says_it_is_not_redis() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let server = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        if let Ok((mut c, _)) = l.accept() {
+            let mut buf = [0u8; 256];
+            let _ = c.read(&mut buf);
+            let _ = c.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    let r = cache::open(&config(&addr));
+    match &r {
+        Err(CacheError::NotRedis { got, .. }) => assert!(got.starts_with("HTTP/1.1"), "{got}"),
+        other => panic!("want NotRedis, got {other:?}"),
+    }
+    assert!(
+        r.unwrap_err()
+            .to_string()
+            .contains("not a Redis-protocol server")
+    );
+    server.join().unwrap();
+}
+
+#[test]
+fn open_with_a_wrong_password_is_an_auth_error_and_the_right_one_works() {
+    require_redis();
+    let server = RedisServer::start_with(&["--requirepass", "s3cret"]);
+    let mut cfg = config(&server.addr());
+    let none = cache::open(&cfg);
+    assert!(matches!(none, Err(CacheError::Auth { .. })), "{none:?}");
+    cfg.redis_password = Some("wrong".into());
+    let wrong = cache::open(&cfg);
+    assert!(matches!(wrong, Err(CacheError::Auth { .. })), "{wrong:?}");
+    cfg.redis_password = Some("s3cret".into());
+    let engine = support::engine(1, cache::open(&cfg).expect("right password"));
+    let key = b"auth:k".to_vec();
+    let op = Op::SetNx {
+        key: key.clone(),
+        val: b"v".to_vec(),
+        ttl: Duration::from_secs(10),
+    };
+    assert_eq!(engine.op_blocking(&key, op).unwrap(), Reply::SetNx(true));
+}
+
+#[test]
+fn acl_user_and_password_authenticate_every_connection() {
+    require_redis();
+    let server = RedisServer::start();
+    server.cmd(&["ACL", "SETUSER", "gate", "on", ">pw", "~*", "+@all"]);
+    let mut cfg = config(&server.addr());
+    cfg.redis_username = Some("gate".into());
+    cfg.redis_password = Some("nope".into());
+    assert!(matches!(cache::open(&cfg), Err(CacheError::Auth { .. })));
+    cfg.redis_password = Some("pw".into());
+    let engine = support::engine(2, cache::open(&cfg).expect("ACL user"));
+    let names = server.cli(&["CLIENT", "LIST"]);
+    assert!(names.contains("user=gate"), "{names}");
+    assert!(
+        names.contains("name=txgate-s0") && names.contains("name=txgate-s1"),
+        "{names}"
+    );
+    drop(engine);
+}
+
+#[test]
+fn select_puts_keys_in_the_chosen_database() {
+    require_redis();
+    let server = RedisServer::start();
+    let mut cfg = config(&server.addr());
+    cfg.redis_db = 3;
+    let engine = support::engine(1, cache::open(&cfg).unwrap());
+    let key = b"db:k".to_vec();
+    let op = Op::Set {
+        key: key.clone(),
+        val: b"in-3".to_vec(),
+        ttl: Duration::ZERO,
+    };
+    engine.op_blocking(&key, op).unwrap();
+    assert_eq!(server.cli(&["-n", "3", "GET", "db:k"]).trim(), "in-3");
+    assert_eq!(server.cli(&["-n", "0", "EXISTS", "db:k"]).trim(), "0");
+}
+
+#[test]
+fn claims_across_two_instances_forward_each_txid_once() {
+    let (server, a) = redis_engine();
+    let b = support::engine(2, cache::open(&config(&server.addr())).unwrap());
+    let mut forwards = 0;
+    for i in 0..500u64 {
+        let id = support::txid(i + 1_000_000);
+        for e in [&a, &b, &a] {
+            match e.claim_blocking(&id).unwrap() {
+                Verdict::Forward(Forward::Won) => forwards += 1,
+                Verdict::Forward(Forward::FailOpen) => panic!("healthy backend failed open"),
+                Verdict::Suppress(Suppress::Seen | Suppress::Lost | Suppress::Pending) => {}
+            }
+        }
+    }
+    assert_eq!(forwards, 500);
+    // Claims carry the dedup TTL (60 s in the test engines).
+    let key = [&b"txgate:"[..], &support::txid(1_000_000)].concat();
+    let pttl = server.cmd_bytes(&[b"PTTL", &key]);
+    assert!(
+        matches!(pttl, support::redis::Resp::Int(ms) if (1..=60_000).contains(&ms)),
+        "PTTL {pttl:?}"
+    );
+}
