@@ -93,8 +93,7 @@ pub fn register_flags(cmd: Command, flag_prefix: &str, env_prefix: &str) -> (Com
         .arg(
             f.arg("redis-client-name")
                 .value_name("NAME")
-                .default_value("txgate")
-                .help("CLIENT SETNAME prefix; each shard's connection adds -s<shard>"),
+                .help("CLIENT SETNAME prefix (default txgate-<hostname>-<pid>); each shard's connection adds -s<shard>"),
         )
         .arg(
             f.arg("redis-inflight-max")
@@ -210,7 +209,8 @@ impl CacheFlags {
             redis_db: *m
                 .get_one::<u32>(&self.id("redis-db"))
                 .expect("has a default"),
-            redis_client_name: s("redis-client-name").expect("has a default"),
+            redis_client_name: non_empty(s("redis-client-name"))
+                .unwrap_or_else(|| Config::default().redis_client_name),
             redis_inflight_max: *m
                 .get_one::<u64>(&self.id("redis-inflight-max"))
                 .expect("has a default") as usize,

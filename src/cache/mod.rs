@@ -106,6 +106,7 @@ pub struct Config {
     /// Database for `SELECT` (standalone servers only).
     pub redis_db: u32,
     /// `CLIENT SETNAME` prefix; each shard's connection adds `-s{shard}`.
+    /// Default `txgate-{hostname}-{pid}`: `CLIENT LIST` shows who is who.
     pub redis_client_name: String,
     /// Bound on requests in flight per connection; past it ops fail fast.
     pub redis_inflight_max: usize,
@@ -130,7 +131,7 @@ impl Default for Config {
             redis_username: None,
             redis_password: None,
             redis_db: 0,
-            redis_client_name: "txgate".to_owned(),
+            redis_client_name: format!("txgate-{}", crate::txidset::default_instance_id()),
             redis_inflight_max: REDIS_INFLIGHT_MAX_DEFAULT,
             aero_hosts: Vec::new(),
             aero_namespace: None,

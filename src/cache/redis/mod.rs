@@ -26,7 +26,10 @@ use glommio::net::TcpStream;
 
 use super::{CacheError, Config};
 use crate::pipeline::{CallError, Connector, Pipeline, PipelineConfig, Protocol};
-use cluster::{NodeAddr, Redirect, SlotMap, hash_slot, parse_cluster_slots, parse_redirect};
+use cluster::{
+    NodeAddr, Redirect, SlotMap, hash_slot, parse_cluster_slots, parse_info_field as info_field,
+    parse_redirect, parse_version,
+};
 use resp::{Reply, decode_reply, encode_command};
 
 /// Shortest gap between two slot-map refreshes of one shard.
@@ -473,6 +476,26 @@ fn unexpected(op: &'static str, r: Reply) -> CacheError {
     }
 }
 
+/// `SET … NX` reply: `+OK` created, nil already there.
+fn nx_outcome(reply: Reply) -> Result<bool, CacheError> {
+    match reply {
+        Reply::Ok => Ok(true),
+        Reply::Nil => Ok(false),
+        other => Err(unexpected("set_nx", other)),
+    }
+}
+
+/// `SET … NX … GET` reply after an ambiguous first attempt: nil means the
+/// key was absent and is ours now; our own (per-claim unique) value means
+/// the first attempt created it; any other value is a rival's.
+fn nx_get_outcome(reply: Reply, ours: &[u8]) -> Result<bool, CacheError> {
+    match reply {
+        Reply::Nil => Ok(true),
+        Reply::Bulk(v) => Ok(v == ours),
+        other => Err(unexpected("set_nx", other)),
+    }
+}
+
 impl RedisShard {
     async fn set_cmd(
         &self,
@@ -516,19 +539,19 @@ impl RedisShard {
     /// retry where the server supports it.
     pub async fn set_nx(&self, key: &[u8], val: &[u8], ttl: Duration) -> Result<bool, CacheError> {
         let timeout = self.settings.op_timeout;
-        match self.set_cmd(key, val, ttl, true, false).await {
-            Ok(Reply::Ok) => Ok(true),
-            Ok(Reply::Nil) => Ok(false),
-            Ok(other) => Err(unexpected("set_nx", other)),
-            Err(e) if e.is_ambiguous() && self.settings.info.nx_get => {
-                match self.set_cmd(key, val, ttl, true, true).await {
-                    // Absent: created now. Our own value: the first attempt won.
-                    Ok(Reply::Nil) => Ok(true),
-                    Ok(Reply::Bulk(v)) => Ok(v == val),
-                    Ok(other) => Err(unexpected("set_nx", other)),
-                    Err(e) => Err(call_error("set_nx", e, timeout)),
-                }
-            }
+        let first = self.set_cmd(key, val, ttl, true, false).await;
+        if let Err(e) = &first
+            && e.is_ambiguous()
+            && self.settings.info.nx_get
+        {
+            let retry = self.set_cmd(key, val, ttl, true, true).await;
+            return match retry {
+                Ok(reply) => nx_get_outcome(reply, val),
+                Err(e) => Err(call_error("set_nx", e, timeout)),
+            };
+        }
+        match first {
+            Ok(reply) => nx_outcome(reply),
             Err(e) => Err(call_error("set_nx", e, timeout)),
         }
     }
@@ -796,18 +819,43 @@ fn verify(s: &Settings) -> Result<(ServerInfo, Option<SlotMap>), CacheError> {
     Ok((info, Some(map)))
 }
 
-fn info_field<'a>(info: &'a [u8], field: &str) -> Option<&'a str> {
-    std::str::from_utf8(info).ok()?.lines().find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        (k == field).then(|| v.trim())
-    })
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn parse_version(v: &str) -> Option<(u32, u32, u32)> {
-    let mut it = v.split('.').map(|p| p.parse::<u32>().ok());
-    Some((
-        it.next()??,
-        it.next().flatten().unwrap_or(0),
-        it.next().flatten().unwrap_or(0),
-    ))
+    #[test]
+    fn set_nx_replies_decide_won_or_lost() {
+        assert_eq!(nx_outcome(Reply::Ok), Ok(true));
+        assert_eq!(nx_outcome(Reply::Nil), Ok(false));
+        assert!(nx_outcome(Reply::Error("WRONGTYPE".into())).is_err());
+    }
+
+    #[test]
+    fn nx_get_retry_tells_our_first_write_from_a_rivals() {
+        let ours = b"host-1:0:42";
+        assert_eq!(
+            nx_get_outcome(Reply::Nil, ours),
+            Ok(true),
+            "absent: created now"
+        );
+        assert_eq!(
+            nx_get_outcome(Reply::Bulk(ours.to_vec()), ours),
+            Ok(true),
+            "our first attempt won"
+        );
+        assert_eq!(
+            nx_get_outcome(Reply::Bulk(b"host-2:1:7".to_vec()), ours),
+            Ok(false),
+            "a rival won"
+        );
+        assert!(nx_get_outcome(Reply::Ok, ours).is_err());
+    }
+
+    #[test]
+    fn px_rounds_up_to_whole_milliseconds_and_zero_means_no_expiry() {
+        assert_eq!(px(Duration::ZERO), None);
+        assert_eq!(px(Duration::from_micros(1)).as_deref(), Some(&b"1"[..]));
+        assert_eq!(px(Duration::from_micros(1500)).as_deref(), Some(&b"2"[..]));
+        assert_eq!(px(Duration::from_secs(60)).as_deref(), Some(&b"60000"[..]));
+    }
 }
