@@ -415,6 +415,9 @@ async fn run<P: Protocol, S: AsyncRead + AsyncWrite + Unpin>(
     let mut rbuf = vec![0u8; 64 << 10];
     let (mut start, mut filled) = (0usize, 0usize);
     let mut written = 0usize;
+    // Set after a write: streams that buffer (TLS) need a flush to put
+    // their records on the wire; plain TCP's flush is a no-op.
+    let mut unflushed = false;
     poll_fn(|cx| {
         let mut st = state.borrow_mut();
         if st.closed {
@@ -431,6 +434,7 @@ async fn run<P: Protocol, S: AsyncRead + AsyncWrite + Unpin>(
                     Poll::Ready(Ok(n)) => {
                         written += n;
                         st.counters.flushes += 1;
+                        unflushed = true;
                         progress = true;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(e),
@@ -439,6 +443,13 @@ async fn run<P: Protocol, S: AsyncRead + AsyncWrite + Unpin>(
                 if written == st.wbuf.len() {
                     st.wbuf.clear();
                     written = 0;
+                }
+            }
+            if unflushed {
+                match Pin::new(&mut stream).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => unflushed = false,
+                    Poll::Ready(Err(e)) => return Poll::Ready(e),
+                    Poll::Pending => {}
                 }
             }
             if filled == rbuf.len() {

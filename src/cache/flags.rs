@@ -103,6 +103,38 @@ pub fn register_flags(cmd: Command, flag_prefix: &str, env_prefix: &str) -> (Com
                 .help("Requests in flight per Redis connection; past it ops fail fast (and claims fail open)"),
         )
         .arg(
+            f.arg("redis-tls")
+                .num_args(0..=1)
+                .require_equals(true)
+                .default_missing_value("true")
+                .value_parser(clap::builder::BoolishValueParser::new())
+                .default_value("false")
+                .help("Speak TLS to Redis (implied by any --redis-tls-* file)"),
+        )
+        .arg(
+            f.arg("redis-tls-ca-file")
+                .value_name("PEM")
+                .value_parser(clap::value_parser!(std::path::PathBuf))
+                .help("CA certificates to verify Redis servers with (default: the system bundle)"),
+        )
+        .arg(
+            f.arg("redis-tls-cert-file")
+                .value_name("PEM")
+                .value_parser(clap::value_parser!(std::path::PathBuf))
+                .help("Client certificate chain, for servers that require one (with --redis-tls-key-file)"),
+        )
+        .arg(
+            f.arg("redis-tls-key-file")
+                .value_name("PEM")
+                .value_parser(clap::value_parser!(std::path::PathBuf))
+                .help("Client private key (with --redis-tls-cert-file)"),
+        )
+        .arg(
+            f.arg("redis-tls-server-name")
+                .value_name("NAME")
+                .help("Name the server certificate must carry (default: the host dialed)"),
+        )
+        .arg(
             f.arg("aero-hosts")
                 .value_name("HOST:PORT,...")
                 .value_delimiter(',')
@@ -171,6 +203,14 @@ impl CacheFlags {
         }
     }
 
+    fn needs(&self, missing: &str, given: &str) -> FlagError {
+        FlagError::Invalid {
+            flag: self.flag(missing),
+            env: self.env(missing),
+            problem: format!("required with {}", self.flag(given)),
+        }
+    }
+
     /// Builds the store's [`Config`] from parsed matches, refusing
     /// combinations that cannot work (redis without an address, …).
     pub fn config(&self, m: &ArgMatches) -> Result<Config, FlagError> {
@@ -198,7 +238,8 @@ impl CacheFlags {
             })
             .unwrap_or_default();
         let non_empty = |v: Option<String>| v.filter(|x| !x.trim().is_empty());
-        let config = Config {
+        let path = |name: &str| m.get_one::<std::path::PathBuf>(&self.id(name)).cloned();
+        let mut config = Config {
             backend,
             memory_max_keys: *m
                 .get_one::<usize>(&self.id("memory-max-keys"))
@@ -214,6 +255,13 @@ impl CacheFlags {
             redis_inflight_max: *m
                 .get_one::<u64>(&self.id("redis-inflight-max"))
                 .expect("has a default") as usize,
+            redis_tls: *m
+                .get_one::<bool>(&self.id("redis-tls"))
+                .expect("has a default"),
+            redis_tls_ca_file: path("redis-tls-ca-file"),
+            redis_tls_cert_file: path("redis-tls-cert-file"),
+            redis_tls_key_file: path("redis-tls-key-file"),
+            redis_tls_server_name: non_empty(s("redis-tls-server-name")),
             aero_hosts,
             aero_namespace: non_empty(s("aero-namespace")),
             aero_set: s("aero-set").expect("has a default"),
@@ -231,6 +279,15 @@ impl CacheFlags {
                     problem: "must be greater than zero".into(),
                 });
             }
+        }
+        // Any TLS file means TLS.
+        config.redis_tls |= config.redis_tls_ca_file.is_some()
+            || config.redis_tls_cert_file.is_some()
+            || config.redis_tls_key_file.is_some();
+        match (&config.redis_tls_cert_file, &config.redis_tls_key_file) {
+            (Some(_), None) => return Err(self.needs("redis-tls-key-file", "redis-tls-cert-file")),
+            (None, Some(_)) => return Err(self.needs("redis-tls-cert-file", "redis-tls-key-file")),
+            _ => {}
         }
         match backend {
             BackendKind::Redis if config.redis_addr.is_none() => {
@@ -355,6 +412,32 @@ mod tests {
         ])
         .unwrap_err();
         assert!(e.contains("--ingress-dedup-aero-namespace"), "{e}");
+    }
+
+    #[test]
+    fn tls_files_imply_tls_and_a_certificate_needs_its_key() {
+        let base = [
+            "--ingress-dedup-backend",
+            "redis",
+            "--ingress-dedup-redis-addr",
+            "h:1",
+        ];
+        let c = parse(&[&base[..], &["--ingress-dedup-redis-tls-ca-file", "/ca.pem"]].concat())
+            .unwrap();
+        assert!(c.redis_tls);
+        let c = parse(&[&base[..], &["--ingress-dedup-redis-tls"]].concat()).unwrap();
+        assert!(c.redis_tls && c.redis_tls_ca_file.is_none());
+        let c = parse(&base).unwrap();
+        assert!(!c.redis_tls);
+        let e = parse(
+            &[
+                &base[..],
+                &["--ingress-dedup-redis-tls-cert-file", "/c.pem"],
+            ]
+            .concat(),
+        )
+        .unwrap_err();
+        assert!(e.contains("--ingress-dedup-redis-tls-key-file"), "{e}");
     }
 
     #[test]

@@ -110,6 +110,15 @@ pub struct Config {
     pub redis_client_name: String,
     /// Bound on requests in flight per connection; past it ops fail fast.
     pub redis_inflight_max: usize,
+    /// Speak TLS to every Redis node.
+    pub redis_tls: bool,
+    /// PEM roots to verify servers with (default: the system bundle).
+    pub redis_tls_ca_file: Option<std::path::PathBuf>,
+    /// PEM client certificate chain and key, for servers that ask for one.
+    pub redis_tls_cert_file: Option<std::path::PathBuf>,
+    pub redis_tls_key_file: Option<std::path::PathBuf>,
+    /// Name the server certificate must carry (default: the host dialed).
+    pub redis_tls_server_name: Option<String>,
     /// Aerospike seed nodes (`host:port`); required for `aerospike`.
     pub aero_hosts: Vec<String>,
     /// Aerospike namespace; required for `aerospike`.
@@ -133,6 +142,11 @@ impl Default for Config {
             redis_db: 0,
             redis_client_name: format!("txgate-{}", crate::txidset::default_instance_id()),
             redis_inflight_max: REDIS_INFLIGHT_MAX_DEFAULT,
+            redis_tls: false,
+            redis_tls_ca_file: None,
+            redis_tls_cert_file: None,
+            redis_tls_key_file: None,
+            redis_tls_server_name: None,
             aero_hosts: Vec::new(),
             aero_namespace: None,
             aero_set: "txgate".to_owned(),

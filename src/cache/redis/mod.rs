@@ -13,6 +13,7 @@
 
 pub mod cluster;
 pub mod resp;
+pub mod tls;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -80,6 +81,32 @@ struct Settings {
     seed_host: String,
     /// The slot map read at open (cluster mode only).
     slots: Option<SlotMap>,
+    /// TLS client config and the certificate name override, when TLS is on.
+    tls: Option<(Arc<rustls::ClientConfig>, Option<String>)>,
+}
+
+impl Settings {
+    /// The name `host`'s certificate must carry.
+    fn tls_name(&self, host: &str) -> Result<rustls_pki_types::ServerName<'static>, String> {
+        let name = self
+            .tls
+            .as_ref()
+            .and_then(|(_, n)| n.clone())
+            .unwrap_or_else(|| {
+                host.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_owned()
+            });
+        tls::server_name(&name)
+    }
+}
+
+/// The host part of `host:port` (brackets kept off IPv6).
+fn host_of(addr: &str) -> &str {
+    match addr.rsplit_once(':') {
+        Some((h, _)) => h,
+        None => addr,
+    }
 }
 
 impl RedisBackend {
@@ -340,18 +367,28 @@ struct RedisConnector {
 }
 
 impl Connector for RedisConnector {
-    type Stream = TcpStream;
+    type Stream = tls::RedisStream;
 
-    async fn connect(&self) -> Result<TcpStream, String> {
+    async fn connect(&self) -> Result<tls::RedisStream, String> {
         let s = &self.settings;
         let deadline = s.dial_timeout;
         let work = async {
-            let mut stream = TcpStream::connect_timeout(self.addr, deadline)
+            let tcp = TcpStream::connect_timeout(self.addr, deadline)
                 .await
                 .map_err(|e| format!("dialing {}: {e}", self.addr_text))?;
-            stream
-                .set_nodelay(true)
+            tcp.set_nodelay(true)
                 .map_err(|e| format!("TCP_NODELAY: {e}"))?;
+            let mut stream = match &s.tls {
+                None => tls::RedisStream::Plain(tcp),
+                Some((config, _)) => {
+                    let name = s.tls_name(host_of(&self.addr_text))?;
+                    let tls = futures_rustls::TlsConnector::from(config.clone())
+                        .connect(name, tcp)
+                        .await
+                        .map_err(|e| format!("TLS handshake with {}: {e}", self.addr_text))?;
+                    tls::RedisStream::Tls(Box::new(tls))
+                }
+            };
             for cmd in handshake_commands(s, Some(&self.name)) {
                 let args: Vec<&[u8]> = cmd.iter().map(|a| a.as_slice()).collect();
                 let reply = roundtrip_async(&mut stream, &args).await?;
@@ -402,7 +439,7 @@ fn check_handshake_reply(cmd: &[Vec<u8>], reply: &Reply) -> Result<(), String> {
     }
 }
 
-async fn roundtrip_async(stream: &mut TcpStream, args: &[&[u8]]) -> Result<Reply, String> {
+async fn roundtrip_async(stream: &mut tls::RedisStream, args: &[&[u8]]) -> Result<Reply, String> {
     use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = Vec::new();
     encode_command(&mut buf, args);
@@ -410,6 +447,7 @@ async fn roundtrip_async(stream: &mut TcpStream, args: &[&[u8]]) -> Result<Reply
         .write_all(&buf)
         .await
         .map_err(|e| format!("write: {e}"))?;
+    stream.flush().await.map_err(|e| format!("write: {e}"))?;
     let mut rbuf = Vec::with_capacity(512);
     let mut chunk = [0u8; 4096];
     // Handshake replies are small; the bound guards against a peer that
@@ -657,9 +695,21 @@ pub fn open(config: &Config) -> Result<RedisBackend, CacheError> {
             addr: addr_text.clone(),
             detail: "resolves to no address".into(),
         })?;
+    let tls = if config.redis_tls {
+        let c = tls::client_config(
+            config.redis_tls_ca_file.as_deref(),
+            config.redis_tls_cert_file.as_deref(),
+            config.redis_tls_key_file.as_deref(),
+        )
+        .map_err(CacheError::Config)?;
+        Some((c, config.redis_tls_server_name.clone()))
+    } else {
+        None
+    };
     let mut settings = Settings {
         seed_host: addr.ip().to_string(),
         slots: None,
+        tls,
         addr,
         addr_text: addr_text.clone(),
         username: config.redis_username.clone(),
@@ -683,6 +733,45 @@ pub fn open(config: &Config) -> Result<RedisBackend, CacheError> {
     })
 }
 
+/// The blocking stream `open` verifies over, plain or TLS.
+enum VerifyStream {
+    Plain(StdTcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, StdTcpStream>>),
+}
+
+impl VerifyStream {
+    fn tcp(&self) -> &StdTcpStream {
+        match self {
+            Self::Plain(t) => t,
+            Self::Tls(t) => &t.sock,
+        }
+    }
+}
+
+impl Read for VerifyStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Plain(t) => t.read(buf),
+            Self::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl Write for VerifyStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Plain(t) => t.write(buf),
+            Self::Tls(t) => t.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Self::Plain(t) => t.flush(),
+            Self::Tls(t) => t.flush(),
+        }
+    }
+}
+
 fn verify(s: &Settings) -> Result<(ServerInfo, Option<SlotMap>), CacheError> {
     let addr = s.addr_text.clone();
     let deadline = Instant::now() + s.dial_timeout;
@@ -690,7 +779,7 @@ fn verify(s: &Settings) -> Result<(ServerInfo, Option<SlotMap>), CacheError> {
         addr: addr.clone(),
         after_ms: s.dial_timeout.as_millis() as u64,
     };
-    let mut stream =
+    let tcp =
         StdTcpStream::connect_timeout(&s.addr, s.dial_timeout).map_err(|e| match e.kind() {
             std::io::ErrorKind::ConnectionRefused => CacheError::Refused { addr: addr.clone() },
             std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => timed_out(),
@@ -699,6 +788,19 @@ fn verify(s: &Settings) -> Result<(ServerInfo, Option<SlotMap>), CacheError> {
                 detail: e.to_string(),
             },
         })?;
+    let mut stream = match &s.tls {
+        None => VerifyStream::Plain(tcp),
+        Some((config, _)) => {
+            let name = s.tls_name(host_of(&addr)).map_err(CacheError::Config)?;
+            let conn = rustls::ClientConnection::new(config.clone(), name).map_err(|e| {
+                CacheError::Connect {
+                    addr: addr.clone(),
+                    detail: format!("TLS: {e}"),
+                }
+            })?;
+            VerifyStream::Tls(Box::new(rustls::StreamOwned::new(conn, tcp)))
+        }
+    };
     let mut ask = |args: &[&[u8]]| -> Result<Reply, CacheError> {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -711,11 +813,12 @@ fn verify(s: &Settings) -> Result<(ServerInfo, Option<SlotMap>), CacheError> {
                 detail: e.to_string(),
             },
         };
-        stream.set_read_timeout(Some(left)).map_err(io)?;
-        stream.set_write_timeout(Some(left)).map_err(io)?;
+        stream.tcp().set_read_timeout(Some(left)).map_err(io)?;
+        stream.tcp().set_write_timeout(Some(left)).map_err(io)?;
         let mut buf = Vec::new();
         encode_command(&mut buf, args);
         stream.write_all(&buf).map_err(io)?;
+        stream.flush().map_err(io)?;
         let mut rbuf = Vec::new();
         let mut chunk = [0u8; 4096];
         while rbuf.len() < 4 << 20 {
