@@ -1,0 +1,85 @@
+//! `txgate bench --backend redis` against a real standalone server and a
+//! real 3-master cluster: same output, every claim answered by the store.
+
+mod support;
+
+use std::process::Command;
+
+use support::redis::{RedisCluster, RedisServer, require_redis};
+
+fn bench(addr: &str) -> serde_json::Value {
+    let json = std::env::temp_dir().join(format!(
+        "txgate-bench-{}-{}.json",
+        std::process::id(),
+        support::redis::free_port()
+    ));
+    let out = Command::new(env!("CARGO_BIN_EXE_txgate"))
+        .args([
+            "bench",
+            "--backend",
+            "redis",
+            "--redis-addr",
+            addr,
+            "--claims",
+            "20000",
+            "--shards",
+            "2",
+            "--inflight",
+            "16",
+            "--op-timeout",
+            "2s",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .expect("txgate runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("backend redis"), "{stdout}");
+    assert!(stdout.contains("fail-open 0"), "{stdout}");
+    assert!(stdout.contains("anomalies 0"), "{stdout}");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    std::fs::remove_file(&json).ok();
+    v
+}
+
+fn check(v: &serde_json::Value) {
+    assert_eq!(v["backend"], "redis");
+    let claims: u64 = v["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["duplicate"]["count"].as_u64().unwrap() + s["novel"]["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(claims, 20_000);
+    let won = v["verdicts"]["won"].as_u64().unwrap();
+    assert!(
+        won > 0 && v["verdicts"]["backend_errors"] == 0,
+        "{}",
+        v["verdicts"]
+    );
+}
+
+#[test]
+fn bench_against_a_standalone_server() {
+    require_redis();
+    let server = RedisServer::start();
+    check(&bench(&server.addr()));
+    let keys: u64 = server.cli(&["DBSIZE"]).trim().parse().unwrap();
+    assert!(keys > 0, "claims reached the server");
+}
+
+#[test]
+fn bench_against_a_cluster_by_one_seed_address() {
+    require_redis();
+    let cluster = RedisCluster::start();
+    check(&bench(&cluster.seed_addr()));
+    for i in 0..3 {
+        let keys: u64 = cluster.node(i).cli(&["DBSIZE"]).trim().parse().unwrap();
+        assert!(keys > 0, "node {i} holds claims");
+    }
+}
