@@ -93,8 +93,8 @@ impl Tier1 {
             stride,
             buckets,
             groups_max: buckets.div_ceil(GROUP) + 1,
-            table: vec![0; buckets * stride].into_boxed_slice(),
-            tags: vec![0; buckets + GROUP].into_boxed_slice(),
+            table: prefaulted(buckets * stride),
+            tags: prefaulted(buckets + GROUP),
             ring: vec![EMPTY; capacity].into_boxed_slice(),
             head: 0,
             len: 0,
@@ -393,6 +393,19 @@ impl Tier1 {
         }
         self.set_tag(hole, 0);
     }
+}
+
+/// A zeroed buffer with every page already mapped: a fresh allocation is
+/// mapped lazily, and first touches would otherwise land as page faults on
+/// the claim path (tens of MB per shard at the default capacity).
+fn prefaulted(len: usize) -> Box<[u8]> {
+    let mut b = vec![0u8; len].into_boxed_slice();
+    // black_box hides the value, so the "redundant" zero stores stay.
+    let zero = std::hint::black_box(0u8);
+    for i in (0..len).step_by(4096) {
+        b[i] = zero;
+    }
+    b
 }
 
 /// The tag stored for hash `h`: its top 7 bits, high bit set (0 = empty).

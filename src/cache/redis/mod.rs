@@ -482,12 +482,35 @@ enum Mode {
     Cluster(Rc<Cluster>),
 }
 
-fn px(ttl: Duration) -> Option<Vec<u8>> {
+/// `PX` milliseconds, rounded up (a TTL never ends early); `None` for no
+/// expiry. On the stack: this runs on every claim.
+fn px(ttl: Duration) -> Option<Px> {
     if ttl.is_zero() {
         return None;
     }
     let ms = ttl.as_nanos().div_ceil(1_000_000).max(1);
-    Some(itoa::Buffer::new().format(ms).as_bytes().to_vec())
+    let mut px = Px {
+        buf: [0; 40],
+        len: 0,
+    };
+    let mut num = itoa::Buffer::new();
+    let text = num.format(ms).as_bytes();
+    px.buf[..text.len()].copy_from_slice(text);
+    px.len = text.len();
+    Some(px)
+}
+
+#[derive(Debug)]
+struct Px {
+    buf: [u8; 40],
+    len: usize,
+}
+
+impl std::ops::Deref for Px {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
 }
 
 fn call_error(op: &'static str, e: CallError, timeout: Duration) -> CacheError {
@@ -956,7 +979,7 @@ mod tests {
 
     #[test]
     fn px_rounds_up_to_whole_milliseconds_and_zero_means_no_expiry() {
-        assert_eq!(px(Duration::ZERO), None);
+        assert!(px(Duration::ZERO).is_none());
         assert_eq!(px(Duration::from_micros(1)).as_deref(), Some(&b"1"[..]));
         assert_eq!(px(Duration::from_micros(1500)).as_deref(), Some(&b"2"[..]));
         assert_eq!(px(Duration::from_secs(60)).as_deref(), Some(&b"60000"[..]));
