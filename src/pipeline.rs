@@ -56,6 +56,12 @@ pub struct PipelineConfig {
     pub reconnect_backoff_max: Duration,
     /// Largest reply the read buffer grows to hold.
     pub reply_bytes_max: usize,
+    /// Replies handed out per driver pass: a quarter of those in flight,
+    /// within these bounds. The driver then yields so their tasks queue the
+    /// next requests, which go out while the rest of the replies wait:
+    /// client and server work at the same time instead of taking turns.
+    pub reply_chunk_min: usize,
+    pub reply_chunk_max: usize,
 }
 
 impl Default for PipelineConfig {
@@ -66,6 +72,8 @@ impl Default for PipelineConfig {
             reconnect_backoff_min: Duration::from_millis(10),
             reconnect_backoff_max: Duration::from_secs(1),
             reply_bytes_max: (512 << 20) + 4096,
+            reply_chunk_min: 4,
+            reply_chunk_max: 64,
         }
     }
 }
@@ -452,6 +460,47 @@ async fn run<P: Protocol, S: AsyncRead + AsyncWrite + Unpin>(
                     Poll::Pending => {}
                 }
             }
+            // Hand complete replies to the FIFO's head, a chunk per pass (see
+            // `PipelineConfig::reply_chunk_min`), then yield.
+            let chunk = (st.fifo.len() / 4).clamp(config.reply_chunk_min, config.reply_chunk_max);
+            let mut handed = 0;
+            while handed < chunk {
+                match P::decode(&rbuf[start..filled]) {
+                    Ok(Some((reply, used))) => {
+                        start += used;
+                        let Some(e) = st.fifo.pop_front() else {
+                            return Poll::Ready(io::Error::other(
+                                "reply without a request: protocol desync",
+                            ));
+                        };
+                        if st.swept > 0 {
+                            st.swept -= 1;
+                        }
+                        if e.slot == NO_SLOT || matches!(st.slots[e.slot as usize], Slot::Abandoned)
+                        {
+                            st.counters.late_replies += 1;
+                        }
+                        st.counters.replies += 1;
+                        st.complete(e.slot, Ok(reply));
+                        handed += 1;
+                    }
+                    Ok(None) => break,
+                    Err(err) => {
+                        return Poll::Ready(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            err.to_string(),
+                        ));
+                    }
+                }
+            }
+            if start == filled {
+                start = 0;
+                filled = 0;
+            }
+            if handed == chunk {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
             if filled == rbuf.len() {
                 if start > 0 {
                     rbuf.copy_within(start..filled, 0);
@@ -469,40 +518,6 @@ async fn run<P: Protocol, S: AsyncRead + AsyncWrite + Unpin>(
                 Poll::Ready(Ok(n)) => {
                     filled += n;
                     progress = true;
-                    // Hand every complete reply to the FIFO's head.
-                    loop {
-                        match P::decode(&rbuf[start..filled]) {
-                            Ok(Some((reply, used))) => {
-                                start += used;
-                                let Some(e) = st.fifo.pop_front() else {
-                                    return Poll::Ready(io::Error::other(
-                                        "reply without a request: protocol desync",
-                                    ));
-                                };
-                                if st.swept > 0 {
-                                    st.swept -= 1;
-                                }
-                                if e.slot == NO_SLOT
-                                    || matches!(st.slots[e.slot as usize], Slot::Abandoned)
-                                {
-                                    st.counters.late_replies += 1;
-                                }
-                                st.counters.replies += 1;
-                                st.complete(e.slot, Ok(reply));
-                            }
-                            Ok(None) => break,
-                            Err(err) => {
-                                return Poll::Ready(io::Error::new(
-                                    io::ErrorKind::InvalidData,
-                                    err.to_string(),
-                                ));
-                            }
-                        }
-                    }
-                    if start == filled {
-                        start = 0;
-                        filled = 0;
-                    }
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(e),
                 Poll::Pending => {}
