@@ -77,6 +77,10 @@ struct Opts {
     /// The txgate binary [default: target/release/txgate in the txgate repository]
     #[arg(long)]
     txgate: Option<PathBuf>,
+    /// Extra argument for `txgate bench` (repeat it), e.g.
+    /// `--txgate-arg=--spin-before-park --txgate-arg=100us`; named in the output
+    #[arg(long = "txgate-arg", allow_hyphen_values = true)]
+    txgate_args: Vec<String>,
     #[arg(long, default_value = "redis-server")]
     redis_server: String,
     #[arg(long, default_value = "redis-benchmark")]
@@ -198,6 +202,7 @@ fn bench(o: Opts) -> Result<(), String> {
         client_core: o.client_core,
         server_core: o.addr.is_none().then_some(o.server_core),
         txgate: txgate_run,
+        txgate_args: o.txgate_args.clone(),
         redis_benchmark: o.redis_benchmark.clone(),
         self_exe: std::env::current_exe().map_err(|e| format!("finding this program: {e}"))?,
         tmp: scratch.0.clone(),
@@ -213,7 +218,7 @@ fn bench(o: Opts) -> Result<(), String> {
         };
         versions.insert(
             p.name().to_owned(),
-            serde_json::json!({"version": v, "settings": peers::settings(p)}),
+            serde_json::json!({"version": v, "settings": peers::settings(p, &o.txgate_args)}),
         );
     }
     let server_desc = format!(

@@ -56,6 +56,8 @@ pub struct Ctx {
     /// The core our own redis-server is pinned to (`None`: external server).
     pub server_core: Option<usize>,
     pub txgate: PathBuf,
+    /// Extra arguments for every `txgate bench` run.
+    pub txgate_args: Vec<String>,
     pub redis_benchmark: String,
     pub self_exe: PathBuf,
     /// Scratch folder for logs and result files.
@@ -165,12 +167,14 @@ pub fn run_id() -> u32 {
 }
 
 /// The command line of each peer, for the report.
-pub fn settings(peer: Peer) -> String {
+pub fn settings(peer: Peer, txgate_args: &[String]) -> String {
     match peer {
-        Peer::Txgate => "txgate bench --backend redis --duplicate-ratio 0 --inflight D --cores C \
-                         --claims N [--rate R]; defaults otherwise (16-byte TxIDs, 29-byte keys, \
-                         op timeout 50 ms, one glommio shard, one connection)"
-            .to_owned(),
+        Peer::Txgate => format!(
+            "txgate bench --backend redis --duplicate-ratio 0 --inflight D --cores C \
+             --claims N [--rate R] {}; defaults otherwise (16-byte TxIDs, 29-byte keys, \
+             op timeout 50 ms, one glommio shard, one connection)",
+            txgate_args.join(" ")
+        ),
         Peer::RedisBenchmark => "redis-benchmark -c 1 -P D -n N -r 1000000000 --csv \
                                  SET txb:<run>:0000__rand_int__ v NX PX 60000 (29-byte keys, \
                                  single-threaded; p99.9 not reported by it)"
@@ -317,6 +321,7 @@ impl Ctx {
                 if let Some(r) = rate {
                     cmd.args(["--rate", &format!("{r:.0}")]);
                 }
+                cmd.args(&self.txgate_args);
             }
             Peer::RedisBenchmark => {
                 let (host, port) = self.server.host_port();
