@@ -164,3 +164,36 @@ fn slot_migration_under_claims_keeps_exactly_one_winner_per_key() {
         assert_eq!(on, support::redis::Resp::Int(1), "key on the new owner");
     }
 }
+
+/// Where `CLUSTER SLOTS` is refused (deprecated; here denied by ACL), the
+/// slot map comes from `CLUSTER SHARDS`.
+#[test]
+fn cluster_shards_is_used_when_cluster_slots_is_refused() {
+    require_redis();
+    let cluster = RedisCluster::start();
+    // Where each key belongs, read while CLUSTER SLOTS still answers.
+    let owners: Vec<usize> = (0..100)
+        .map(|i| cluster.node_for_key(format!("shards:{i}").as_bytes()))
+        .collect();
+    for node in cluster.nodes() {
+        node.cmd(&["ACL", "SETUSER", "default", "-cluster|slots"]);
+        assert!(matches!(
+            node.cmd(&["CLUSTER", "SLOTS"]),
+            support::redis::Resp::Error(_)
+        ));
+    }
+    let e = support::engine(
+        2,
+        cache::open(&config(&cluster.seed_addr())).expect("opens via SHARDS"),
+    );
+    for i in 0..100 {
+        let key = format!("shards:{i}");
+        set(&e, key.as_bytes(), b"v");
+        let node = owners[i];
+        assert_eq!(
+            cluster.node(node).cli(&["GET", &key]).trim(),
+            "v",
+            "{key} on node {node}"
+        );
+    }
+}

@@ -28,8 +28,8 @@ use glommio::net::TcpStream;
 use super::{CacheError, Config};
 use crate::pipeline::{CallError, Connector, Pipeline, PipelineConfig, Protocol};
 use cluster::{
-    NodeAddr, Redirect, SlotMap, hash_slot, parse_cluster_slots, parse_info_field as info_field,
-    parse_redirect, parse_version,
+    NodeAddr, Redirect, SlotMap, hash_slot, parse_cluster_shards, parse_cluster_slots,
+    parse_info_field as info_field, parse_redirect, parse_version,
 };
 use resp::{Reply, decode_reply, encode_command};
 
@@ -326,15 +326,33 @@ impl Cluster {
             .cloned()
             .collect();
         for p in live {
-            let Ok(reply) = p.call(|b| encode_command(b, &[b"CLUSTER", b"SLOTS"])).await else {
+            let Ok(mut reply) = p.call(|b| encode_command(b, &[b"CLUSTER", b"SLOTS"])).await else {
                 continue;
             };
-            match parse_cluster_slots(&reply, &self.settings.seed_host) {
+            let seed = &self.settings.seed_host;
+            if matches!(reply, Reply::Error(_)) {
+                // A server without the deprecated command: ask CLUSTER SHARDS.
+                let Ok(shards) = p
+                    .call(|b| encode_command(b, &[b"CLUSTER", b"SHARDS"]))
+                    .await
+                else {
+                    continue;
+                };
+                reply = shards;
+                match parse_cluster_shards(&reply, seed) {
+                    Ok(map) => {
+                        self.swap_map(map);
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "bad CLUSTER SHARDS reply");
+                        continue;
+                    }
+                }
+            }
+            match parse_cluster_slots(&reply, seed) {
                 Ok(map) => {
-                    let keep: Vec<NodeAddr> = map.nodes().to_vec();
-                    *self.map.borrow_mut() = map;
-                    // Drop connections to nodes that serve nothing now.
-                    self.conns.borrow_mut().retain(|n, _| keep.contains(n));
+                    self.swap_map(map);
                     return;
                 }
                 Err(e) => tracing::debug!(error = %e, "bad CLUSTER SLOTS reply"),
@@ -342,6 +360,13 @@ impl Cluster {
         }
         // Nothing answered: try again after the gap.
         self.refresh_wanted.set(true);
+    }
+
+    fn swap_map(&self, map: SlotMap) {
+        let keep: Vec<NodeAddr> = map.nodes().to_vec();
+        *self.map.borrow_mut() = map;
+        // Drop connections to nodes that serve nothing now.
+        self.conns.borrow_mut().retain(|n, _| keep.contains(n));
     }
 }
 
@@ -931,8 +956,13 @@ fn verify(s: &Settings) -> Result<(ServerInfo, Option<SlotMap>), CacheError> {
             s.db
         )));
     }
-    let reply = ask(&[b"CLUSTER", b"SLOTS"])?;
-    let map = parse_cluster_slots(&reply, &s.seed_host).map_err(|e| CacheError::Connect {
+    let slots = ask(&[b"CLUSTER", b"SLOTS"])?;
+    let map = match slots {
+        // A server without the deprecated command: CLUSTER SHARDS (≥ 7.0).
+        Reply::Error(_) => parse_cluster_shards(&ask(&[b"CLUSTER", b"SHARDS"])?, &s.seed_host),
+        reply => parse_cluster_slots(&reply, &s.seed_host),
+    }
+    .map_err(|e| CacheError::Connect {
         addr: addr.clone(),
         detail: format!("reading the cluster's slot map: {e}"),
     })?;
