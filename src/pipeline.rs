@@ -115,6 +115,20 @@ pub struct PipelineCounters {
     pub flushes: u64,
 }
 
+impl PipelineCounters {
+    /// Adds `o` into `self` (totals over connections).
+    pub fn add(&mut self, o: &PipelineCounters) {
+        self.calls += o.calls;
+        self.replies += o.replies;
+        self.timeouts += o.timeouts;
+        self.late_replies += o.late_replies;
+        self.overflows += o.overflows;
+        self.disconnects += o.disconnects;
+        self.connects += o.connects;
+        self.flushes += o.flushes;
+    }
+}
+
 const NO_SLOT: u32 = u32::MAX;
 
 struct Entry {

@@ -702,15 +702,7 @@ impl RedisShard {
     pub fn counters(&self) -> crate::pipeline::PipelineCounters {
         let mut t = crate::pipeline::PipelineCounters::default();
         for p in self.pipelines() {
-            let c = p.counters();
-            t.calls += c.calls;
-            t.replies += c.replies;
-            t.timeouts += c.timeouts;
-            t.late_replies += c.late_replies;
-            t.overflows += c.overflows;
-            t.disconnects += c.disconnects;
-            t.connects += c.connects;
-            t.flushes += c.flushes;
+            t.add(&p.counters());
         }
         t
     }
