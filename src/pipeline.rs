@@ -56,6 +56,9 @@ pub struct PipelineConfig {
     pub reconnect_backoff_max: Duration,
     /// Largest reply the read buffer grows to hold.
     pub reply_bytes_max: usize,
+    /// A reply this long past its deadline marks the connection dead: it is
+    /// dropped (failing what is in flight) and redialed.
+    pub dead_after: Duration,
     /// Replies handed out per driver pass: a quarter of those in flight,
     /// within these bounds. The driver then yields so their tasks queue the
     /// next requests, which go out while the rest of the replies wait:
@@ -72,6 +75,7 @@ impl Default for PipelineConfig {
             reconnect_backoff_min: Duration::from_millis(10),
             reconnect_backoff_max: Duration::from_secs(1),
             reply_bytes_max: (512 << 20) + 4096,
+            dead_after: Duration::from_secs(1),
             reply_chunk_min: 4,
             reply_chunk_max: 64,
         }
@@ -146,6 +150,8 @@ enum Slot<R> {
 
 struct State<R> {
     up: bool,
+    /// Set by the sweep when the oldest request is `dead_after` overdue.
+    dead: bool,
     closed: bool,
     wbuf: Vec<u8>,
     fifo: VecDeque<Entry>,
@@ -202,6 +208,7 @@ impl<P: Protocol> Pipeline<P> {
         let stream = connector.connect().await?;
         let state = Rc::new(RefCell::new(State {
             up: true,
+            dead: false,
             closed: false,
             wbuf: Vec::with_capacity(64 << 10),
             fifo: VecDeque::with_capacity(config.inflight_max),
@@ -290,6 +297,20 @@ impl<P: Protocol> Pipeline<P> {
                 st.complete(slot, Err(CallError::Timeout(timeout)));
             }
             st.swept += 1;
+        }
+        // A reply this overdue means a wedged peer or a half-open connection
+        // (no RST ever comes): replace the connection rather than fail every
+        // new call with Overflow once placeholders fill the FIFO.
+        if st.up
+            && st
+                .fifo
+                .front()
+                .is_some_and(|e| e.deadline + self.config.dead_after <= now)
+        {
+            st.dead = true;
+            if let Some(w) = &st.driver {
+                w.wake_by_ref();
+            }
         }
     }
 
@@ -444,6 +465,12 @@ async fn run<P: Protocol, S: AsyncRead + AsyncWrite + Unpin>(
         let mut st = state.borrow_mut();
         if st.closed {
             return Poll::Ready(io::Error::other("closed"));
+        }
+        if std::mem::take(&mut st.dead) {
+            return Poll::Ready(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no reply long past the op timeout: replacing the connection",
+            ));
         }
         st.driver = Some(cx.waker().clone());
         // Bounded: each pass moves bytes or returns; a pass that moves
@@ -806,6 +833,35 @@ mod tests {
                 glommio::timer::sleep(Duration::from_millis(1)).await;
             }
             assert!(lost, "desync detected and the connection dropped");
+        });
+    }
+
+    #[test]
+    fn a_connection_whose_replies_stop_is_replaced() {
+        let (addr, accepted) = server();
+        crate::engine::run_local(async move {
+            let mut cfg = config(20, 64);
+            cfg.dead_after = Duration::from_millis(100);
+            let p = Rc::new(Pipeline::<Lines>::connect(Dial(addr), cfg).await.unwrap());
+            let _sweep = sweeper(&p);
+            // The server sleeps 2 s before answering: far past dead_after.
+            let stuck = p.call(line("sleep:2000:stuck")).await;
+            assert_eq!(stuck, Err(CallError::Timeout(Duration::from_millis(20))));
+            let mut answered = false;
+            for _ in 0..200 {
+                if let Ok(r) = p.call(line("fresh")).await {
+                    assert_eq!(r, "fresh");
+                    answered = true;
+                    break;
+                }
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(answered, "a new connection answers");
+            assert_eq!(
+                accepted.load(Ordering::SeqCst),
+                2,
+                "the stuck connection was replaced"
+            );
         });
     }
 

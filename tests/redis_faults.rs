@@ -270,3 +270,32 @@ fn a_reset_mid_reply_fails_the_op_and_the_connection_comes_back() {
     assert!(proxy.connections() >= 2, "it reconnected");
     assert_no_desync(&e, "reset");
 }
+
+#[test]
+fn a_blackholed_connection_is_replaced_not_left_to_overflow() {
+    let (_server, proxy) = proxied();
+    let e = engine_at(&proxy.addr().to_string(), Duration::from_millis(50));
+    assert_no_desync(&e, "before");
+    let base = proxy.connections();
+    proxy.set_blackhole(true);
+    // Replies stop (no RST, no EOF): ops time out, then the connection is
+    // declared dead and redialed.
+    let key = b"hole".to_vec();
+    let mut failed = 0;
+    let end = Instant::now() + Duration::from_secs(5);
+    while proxy.connections() <= base && Instant::now() < end {
+        let r = e.op_blocking(&key, Op::Get { key: key.clone() });
+        failed += r.is_err() as usize;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(failed > 0, "ops failed while blackholed");
+    assert!(
+        proxy.connections() >= 2,
+        "the wedged connection was replaced"
+    );
+    proxy.set_blackhole(false);
+    wait_for("ops to work again", Duration::from_secs(10), || {
+        e.op_blocking(&key, Op::Get { key: key.clone() }).is_ok()
+    });
+    assert_no_desync(&e, "after");
+}
