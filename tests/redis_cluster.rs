@@ -186,10 +186,9 @@ fn cluster_shards_is_used_when_cluster_slots_is_refused() {
         2,
         cache::open(&config(&cluster.seed_addr())).expect("opens via SHARDS"),
     );
-    for i in 0..100 {
+    for (i, &node) in owners.iter().enumerate() {
         let key = format!("shards:{i}");
         set(&e, key.as_bytes(), b"v");
-        let node = owners[i];
         assert_eq!(
             cluster.node(node).cli(&["GET", &key]).trim(),
             "v",
