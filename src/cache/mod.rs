@@ -18,6 +18,7 @@
 //! partition, its connections). Shard backends are an enum, so a call on the
 //! hot path is a `match`, not a boxed future.
 
+pub mod aerospike;
 pub mod fault;
 pub mod flags;
 pub mod memory;
