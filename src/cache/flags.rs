@@ -153,6 +153,19 @@ pub fn register_flags(cmd: Command, flag_prefix: &str, env_prefix: &str) -> (Com
                 .help("Aerospike set within the namespace"),
         )
         .arg(
+            f.arg("aero-bin")
+                .value_name("BIN")
+                .default_value("v")
+                .help("Aerospike bin holding the value (at most 15 bytes)"),
+        )
+        .arg(
+            f.arg("aero-conns-per-node")
+                .value_name("N")
+                .value_parser(clap::value_parser!(u64).range(1..=64))
+                .default_value("1")
+                .help("Aerospike connections per node per shard (the server serves one request per connection at a time)"),
+        )
+        .arg(
             f.arg("dial-timeout")
                 .value_name("DURATION")
                 .value_parser(parse_duration)
@@ -265,6 +278,10 @@ impl CacheFlags {
             aero_hosts,
             aero_namespace: non_empty(s("aero-namespace")),
             aero_set: s("aero-set").expect("has a default"),
+            aero_bin: s("aero-bin").expect("has a default"),
+            aero_conns_per_node: *m
+                .get_one::<u64>(&self.id("aero-conns-per-node"))
+                .expect("has a default") as usize,
             dial_timeout: d("dial-timeout"),
             op_timeout: d("op-timeout"),
         };
@@ -303,6 +320,13 @@ impl CacheFlags {
             }
             BackendKind::Aerospike if config.aero_namespace.is_none() => {
                 Err(self.missing("aero-namespace", backend))
+            }
+            BackendKind::Aerospike if config.aero_bin.is_empty() || config.aero_bin.len() > 15 => {
+                Err(FlagError::Invalid {
+                    flag: self.flag("aero-bin"),
+                    env: self.env("aero-bin"),
+                    problem: format!("'{}' must be 1 to 15 bytes", config.aero_bin),
+                })
             }
             _ => Ok(config),
         }

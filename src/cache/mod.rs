@@ -126,6 +126,11 @@ pub struct Config {
     pub aero_namespace: Option<String>,
     /// Aerospike set within the namespace.
     pub aero_set: String,
+    /// Aerospike bin holding the value (≤ 15 bytes).
+    pub aero_bin: String,
+    /// Connections per node per shard: the server works through one request
+    /// per connection at a time, so a second buys server-side parallelism.
+    pub aero_conns_per_node: usize,
     /// Bound on establishing a connection.
     pub dial_timeout: Duration,
     /// Bound on each operation.
@@ -151,6 +156,8 @@ impl Default for Config {
             aero_hosts: Vec::new(),
             aero_namespace: None,
             aero_set: "txgate".to_owned(),
+            aero_bin: "v".to_owned(),
+            aero_conns_per_node: 1,
             dial_timeout: DIAL_TIMEOUT_DEFAULT,
             op_timeout: OP_TIMEOUT_DEFAULT,
         }
@@ -166,8 +173,6 @@ pub enum CacheError {
     Backend { op: &'static str, detail: String },
     #[error("backend is closed")]
     Closed,
-    #[error("the {0} backend is not available in this build yet")]
-    Unavailable(BackendKind),
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error("{addr}: connection refused")]
@@ -196,6 +201,8 @@ pub enum Backend {
     Memory(memory::MemoryBackend),
     /// Any Redis-protocol server, by address.
     Redis(redis::RedisBackend),
+    /// An Aerospike cluster, by seed hosts.
+    Aerospike(aerospike::AerospikeBackend),
     /// A test backend wrapping memory with switchable faults (errors, stalls,
     /// delays); it proves fail-open behaviour without a real outage.
     Fault(fault::FaultBackend),
@@ -207,6 +214,7 @@ impl Backend {
         match self {
             Self::Memory(_) => "memory",
             Self::Redis(_) => "redis",
+            Self::Aerospike(_) => "aerospike",
             Self::Fault(_) => "fault",
         }
     }
@@ -217,7 +225,7 @@ impl Backend {
     pub fn partitioned_by_shard(&self) -> bool {
         match self {
             Self::Memory(_) | Self::Fault(_) => true,
-            Self::Redis(_) => false,
+            Self::Redis(_) | Self::Aerospike(_) => false,
         }
     }
 
@@ -231,6 +239,7 @@ impl Backend {
         match self {
             Self::Memory(m) => Ok(ShardBackend::Memory(m.shard(shard, shards))),
             Self::Redis(r) => Ok(ShardBackend::Redis(r.shard(shard).await?)),
+            Self::Aerospike(a) => Ok(ShardBackend::Aerospike(a.shard(shard).await?)),
             Self::Fault(f) => Ok(ShardBackend::Fault(f.shard(shard, shards))),
         }
     }
@@ -246,14 +255,7 @@ pub fn open(config: &Config) -> Result<Option<Backend>, CacheError> {
             config.memory_max_keys,
         )))),
         BackendKind::Redis => Ok(Some(Backend::Redis(redis::open(config)?))),
-        BackendKind::Aerospike => {
-            if config.aero_hosts.is_empty() || config.aero_namespace.is_none() {
-                return Err(CacheError::Config(
-                    "aerospike needs seed hosts and a namespace".into(),
-                ));
-            }
-            Err(CacheError::Unavailable(BackendKind::Aerospike))
-        }
+        BackendKind::Aerospike => Ok(Some(Backend::Aerospike(aerospike::open(config)?))),
     }
 }
 
@@ -261,6 +263,7 @@ pub fn open(config: &Config) -> Result<Option<Backend>, CacheError> {
 pub enum ShardBackend {
     Memory(memory::MemoryShard),
     Redis(redis::RedisShard),
+    Aerospike(aerospike::AerospikeShard),
     Fault(fault::FaultShard),
 }
 
@@ -271,6 +274,7 @@ impl ShardBackend {
         match self {
             Self::Memory(m) => m.set_nx(key, val, ttl),
             Self::Redis(r) => r.set_nx(key, val, ttl).await,
+            Self::Aerospike(a) => a.set_nx(key, val, ttl).await,
             Self::Fault(f) => f.set_nx(key, val, ttl).await,
         }
     }
@@ -280,6 +284,7 @@ impl ShardBackend {
         match self {
             Self::Memory(m) => m.set(key, val, ttl),
             Self::Redis(r) => r.set(key, val, ttl).await,
+            Self::Aerospike(a) => a.set(key, val, ttl).await,
             Self::Fault(f) => f.set(key, val, ttl).await,
         }
     }
@@ -289,6 +294,7 @@ impl ShardBackend {
         match self {
             Self::Memory(m) => m.get(key),
             Self::Redis(r) => r.get(key).await,
+            Self::Aerospike(a) => a.get(key).await,
             Self::Fault(f) => f.get(key).await,
         }
     }
@@ -298,6 +304,7 @@ impl ShardBackend {
         match self {
             Self::Memory(m) => m.del(key),
             Self::Redis(r) => r.del(key).await,
+            Self::Aerospike(a) => a.del(key).await,
             Self::Fault(f) => f.del(key).await,
         }
     }
@@ -307,6 +314,7 @@ impl ShardBackend {
         match self {
             Self::Memory(_) => true,
             Self::Redis(r) => r.healthy().await,
+            Self::Aerospike(a) => a.healthy().await,
             Self::Fault(f) => f.healthy(),
         }
     }
@@ -315,8 +323,8 @@ impl ShardBackend {
     pub fn maintain(&self) {
         match self {
             Self::Memory(m) => m.sweep(memory::SWEEP_BUDGET),
-            // Redis expires keys itself; op timeouts have their own sweep.
-            Self::Redis(_) => {}
+            // The stores expire keys themselves; op timeouts have their own sweep.
+            Self::Redis(_) | Self::Aerospike(_) => {}
             Self::Fault(f) => f.memory().sweep(memory::SWEEP_BUDGET),
         }
     }
@@ -326,6 +334,7 @@ impl ShardBackend {
         match self {
             Self::Memory(m) => m.close(),
             Self::Redis(r) => r.close(),
+            Self::Aerospike(a) => a.close(),
             Self::Fault(f) => f.memory().close(),
         }
     }

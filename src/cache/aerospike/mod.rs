@@ -1,8 +1,581 @@
-//! The Aerospike backend (Community Edition), work in progress.
+//! The Aerospike backend (Community Edition), spoken by hand over glommio.
 //!
-//! So far only [`codec`]: the sans-I/O wire protocol (record digests and
-//! partitions, AS_MSG requests and replies, the info protocol and the
-//! cluster-tending values). Connections, routing and the shard handle come
-//! next, as thin layers over it.
+//! - [`codec`]: the sans-I/O wire protocol (record digests and partitions,
+//!   AS_MSG requests and replies, the info protocol, cluster-tending values).
+//! - [`open`] dials the seeds with blocking I/O within the dial timeout,
+//!   learns the nodes (`node`, `peers-clear-std`) and which node masters each
+//!   partition of the namespace (`replicas`), and fails closed.
+//! - Each shard dials `conns_per_node` pipelined connections per node
+//!   (`crate::pipeline`, the same rules as Redis: bounded in flight, one
+//!   sweep for timeouts, placeholders for late replies, fail-all on loss)
+//!   and sends every op to its partition's master. A stale map costs a hop
+//!   (the server proxies), not an error.
+//! - Every request carries its deadline as the transaction TTL, so the
+//!   server answers by then.
+//!
+//! Not yet: re-tending on `partition-generation` / `peers-generation`
+//! changes (the map is the one read at open).
 
 pub mod codec;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream as StdTcpStream, ToSocketAddrs};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use glommio::net::TcpStream;
+
+use super::{CacheError, Config};
+use crate::pipeline::{CallError, Connector, Pipeline, PipelineConfig, Protocol};
+use codec::{BinName, Op, Request, ResultCode, Ttl};
+
+/// Requests in flight per connection at most. The server works through one
+/// request per connection at a time, so deeper queues only add latency.
+const INFLIGHT_MAX: usize = 1024;
+
+/// AS_MSG as the pipeline's reply codec.
+pub struct AsMsg;
+
+impl Protocol for AsMsg {
+    type Reply = codec::Reply;
+    type Error = codec::CodecError;
+    fn decode(buf: &[u8]) -> Result<Option<(codec::Reply, usize)>, codec::CodecError> {
+        codec::parse_reply(buf)
+    }
+}
+
+/// A node as learned at open.
+#[derive(Debug, Clone)]
+struct Node {
+    id: String,
+    addr: SocketAddr,
+}
+
+#[derive(Debug)]
+struct Settings {
+    namespace: String,
+    set: String,
+    bin: BinName,
+    dial_timeout: Duration,
+    op_timeout: Duration,
+    inflight_max: usize,
+    conns_per_node: usize,
+    nodes: Vec<Node>,
+    /// Master node index per partition; `u16::MAX` where no node claimed it.
+    owner: Box<[u16]>,
+}
+
+/// The process-wide Aerospike backend: nodes and the partition map.
+#[derive(Debug, Clone)]
+pub struct AerospikeBackend {
+    inner: Arc<Settings>,
+}
+
+/// One shard's Aerospike backend.
+pub struct AerospikeShard {
+    settings: Arc<Settings>,
+    /// `conns[node][i]`: the shard's connections to each node.
+    conns: Vec<Vec<Rc<Pipeline<AsMsg>>>>,
+    next_conn: std::cell::Cell<usize>,
+    _sweeper: glommio::Task<()>,
+}
+
+struct AeroConnector {
+    addr: SocketAddr,
+    dial_timeout: Duration,
+}
+
+impl Connector for AeroConnector {
+    type Stream = TcpStream;
+    async fn connect(&self) -> Result<TcpStream, String> {
+        let s = TcpStream::connect_timeout(self.addr, self.dial_timeout)
+            .await
+            .map_err(|e| format!("dialing {}: {e}", self.addr))?;
+        s.set_nodelay(true)
+            .map_err(|e| format!("TCP_NODELAY: {e}"))?;
+        Ok(s)
+    }
+}
+
+impl AerospikeBackend {
+    /// Nodes found at open, by id.
+    pub fn node_ids(&self) -> Vec<String> {
+        self.inner.nodes.iter().map(|n| n.id.clone()).collect()
+    }
+
+    /// Dials shard `shard`'s connections to every node.
+    pub async fn shard(&self, _shard: usize) -> Result<AerospikeShard, CacheError> {
+        let s = &self.inner;
+        let mut conns = Vec::with_capacity(s.nodes.len());
+        for node in &s.nodes {
+            let mut per_node = Vec::with_capacity(s.conns_per_node);
+            for _ in 0..s.conns_per_node {
+                let p = Pipeline::<AsMsg>::connect(
+                    AeroConnector {
+                        addr: node.addr,
+                        dial_timeout: s.dial_timeout,
+                    },
+                    PipelineConfig {
+                        inflight_max: s.inflight_max,
+                        op_timeout: s.op_timeout,
+                        ..PipelineConfig::default()
+                    },
+                )
+                .await
+                .map_err(|detail| CacheError::Connect {
+                    addr: node.addr.to_string(),
+                    detail,
+                })?;
+                per_node.push(Rc::new(p));
+            }
+            conns.push(per_node);
+        }
+        let every = (s.op_timeout / 10).clamp(Duration::from_millis(1), Duration::from_millis(10));
+        let swept: Vec<_> = conns.iter().flatten().map(Rc::downgrade).collect();
+        let sweeper = glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(every).await;
+                let now = Instant::now();
+                for w in &swept {
+                    match w.upgrade() {
+                        Some(p) => p.sweep(now),
+                        None => return,
+                    }
+                }
+            }
+        });
+        Ok(AerospikeShard {
+            settings: s.clone(),
+            conns,
+            next_conn: std::cell::Cell::new(0),
+            _sweeper: sweeper,
+        })
+    }
+}
+
+fn call_error(op: &'static str, e: CallError, timeout: Duration) -> CacheError {
+    match e {
+        CallError::Timeout(_) => CacheError::Timeout {
+            op,
+            after_ms: timeout.as_millis() as u64,
+        },
+        CallError::Closed => CacheError::Closed,
+        other => CacheError::Backend {
+            op,
+            detail: other.to_string(),
+        },
+    }
+}
+
+fn server_error(op: &'static str, code: ResultCode) -> CacheError {
+    CacheError::Backend {
+        op,
+        detail: format!("server answered {code}"),
+    }
+}
+
+/// Whole seconds, rounded up (a TTL never ends early), at least 1; zero is
+/// "never expire".
+fn ttl_of(ttl: Duration) -> Ttl {
+    if ttl.is_zero() {
+        return Ttl::Never;
+    }
+    let s = ttl
+        .as_nanos()
+        .div_ceil(1_000_000_000)
+        .clamp(1, u32::MAX as u128 - 2) as u32;
+    Ttl::Seconds(s)
+}
+
+impl AerospikeShard {
+    /// The connection for `key`'s partition master (round-robin over the
+    /// node's connections), and the key's digest.
+    fn route(&self, key: &[u8]) -> (Rc<Pipeline<AsMsg>>, [u8; codec::DIGEST_LEN]) {
+        let d = codec::digest(self.settings.set.as_bytes(), key);
+        let pid = codec::partition_id(&d) as usize;
+        let owner = self.settings.owner[pid];
+        // An unclaimed partition goes to any node, which proxies it.
+        let node = if owner == u16::MAX {
+            pid % self.conns.len()
+        } else {
+            owner as usize
+        };
+        let per_node = &self.conns[node];
+        let i = self.next_conn.get();
+        self.next_conn.set(i.wrapping_add(1));
+        (per_node[i % per_node.len()].clone(), d)
+    }
+
+    async fn request(&self, key: &[u8], op: Op<'_>) -> Result<codec::Reply, CallError> {
+        let (conn, digest) = self.route(key);
+        let s = &self.settings;
+        let req = Request {
+            namespace: s.namespace.as_bytes(),
+            set: s.set.as_bytes(),
+            digest: &digest,
+            timeout_ms: s.op_timeout.as_millis().min(u32::MAX as u128) as u32,
+            op,
+        };
+        conn.call(|b| {
+            // Inputs were checked before the call (TTL built by `ttl_of`,
+            // bin name at open, value size below), so this cannot fail; a
+            // failure would leave a request without bytes, so it must not.
+            codec::encode_request(&req, b).expect("request validated before the call")
+        })
+        .await
+    }
+
+    fn check_value(op: &'static str, val: &[u8]) -> Result<(), CacheError> {
+        if val.len() > codec::PROTO_BODY_MAX - 4096 {
+            return Err(CacheError::Backend {
+                op,
+                detail: format!(
+                    "value of {} bytes is over the 128 MiB frame limit",
+                    val.len()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// CREATE_ONLY write: OK created, RECORD_EXISTS already there.
+    pub async fn set_nx(&self, key: &[u8], val: &[u8], ttl: Duration) -> Result<bool, CacheError> {
+        Self::check_value("set_nx", val)?;
+        let op = Op::SetNx {
+            ttl: ttl_of(ttl),
+            bin: self.settings.bin,
+            value: val,
+        };
+        match self.request(key, op).await {
+            Ok(r) if r.result == ResultCode::OK => Ok(true),
+            Ok(r) if r.result == ResultCode::RECORD_EXISTS => Ok(false),
+            Ok(r) => Err(server_error("set_nx", r.result)),
+            Err(e) => Err(call_error("set_nx", e, self.settings.op_timeout)),
+        }
+    }
+
+    /// CREATE_OR_REPLACE write.
+    pub async fn set(&self, key: &[u8], val: &[u8], ttl: Duration) -> Result<(), CacheError> {
+        Self::check_value("set", val)?;
+        let op = Op::Set {
+            ttl: ttl_of(ttl),
+            bin: self.settings.bin,
+            value: val,
+        };
+        match self.request(key, op).await {
+            Ok(r) if r.result == ResultCode::OK => Ok(()),
+            Ok(r) => Err(server_error("set", r.result)),
+            Err(e) => Err(call_error("set", e, self.settings.op_timeout)),
+        }
+    }
+
+    /// Read of the value bin; NOT_FOUND is a miss.
+    pub async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, CacheError> {
+        let op = Op::Get {
+            bin: self.settings.bin,
+        };
+        match self.request(key, op).await {
+            Ok(r) if r.result == ResultCode::OK => Ok(Some(
+                r.bin(self.settings.bin.as_bytes())
+                    .map(|b| b.value.clone())
+                    .unwrap_or_default(),
+            )),
+            Ok(r) if r.result == ResultCode::NOT_FOUND => Ok(None),
+            Ok(r) => Err(server_error("get", r.result)),
+            Err(e) => Err(call_error("get", e, self.settings.op_timeout)),
+        }
+    }
+
+    /// Delete; OK and NOT_FOUND both mean gone.
+    pub async fn del(&self, key: &[u8]) -> Result<(), CacheError> {
+        match self.request(key, Op::Del).await {
+            Ok(r) if r.result == ResultCode::OK || r.result == ResultCode::NOT_FOUND => Ok(()),
+            Ok(r) => Err(server_error("del", r.result)),
+            Err(e) => Err(call_error("del", e, self.settings.op_timeout)),
+        }
+    }
+
+    /// Info `status` on every node within the dial timeout; cold path.
+    pub async fn healthy(&self) -> bool {
+        for node in &self.settings.nodes {
+            let probe = info_async(node.addr, &["status"], self.settings.dial_timeout);
+            match probe.await {
+                Ok(pairs) if pairs.iter().any(|(k, v)| k == "status" && v == "ok") => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    /// Fails everything in flight and stops reconnecting.
+    pub fn close(&self) {
+        for p in self.conns.iter().flatten() {
+            p.close();
+        }
+    }
+}
+
+async fn info_async(
+    addr: SocketAddr,
+    cmds: &[&str],
+    timeout: Duration,
+) -> Result<codec::InfoPairs, String> {
+    use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
+    let work = async {
+        let mut s = TcpStream::connect_timeout(addr, timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        codec::encode_info(cmds, &mut out);
+        s.write_all(&out).await.map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while buf.len() < 1 << 20 {
+            let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("closed".to_string());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some((pairs, _)) = codec::parse_info_reply(&buf).map_err(|e| e.to_string())? {
+                return Ok(pairs);
+            }
+        }
+        Err("info reply too large".into())
+    };
+    match glommio::timer::timeout(timeout, async { Ok(work.await) }).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no info reply within {timeout:?}")),
+    }
+}
+
+/// One blocking info round trip on `stream`, within `deadline`.
+fn info_blocking(
+    stream: &mut StdTcpStream,
+    addr: &str,
+    cmds: &[&str],
+    deadline: Instant,
+) -> Result<codec::InfoPairs, CacheError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    let timed_out = || CacheError::DialTimeout {
+        addr: addr.to_owned(),
+        after_ms: 0,
+    };
+    if left.is_zero() {
+        return Err(timed_out());
+    }
+    let io = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => timed_out(),
+        _ => CacheError::Connect {
+            addr: addr.to_owned(),
+            detail: e.to_string(),
+        },
+    };
+    stream.set_read_timeout(Some(left)).map_err(io)?;
+    stream.set_write_timeout(Some(left)).map_err(io)?;
+    let mut out = Vec::new();
+    codec::encode_info(cmds, &mut out);
+    stream.write_all(&out).map_err(io)?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    while buf.len() < 16 << 20 {
+        if Instant::now() >= deadline {
+            return Err(timed_out());
+        }
+        let n = stream.read(&mut chunk).map_err(io)?;
+        if n == 0 {
+            return Err(CacheError::Connect {
+                addr: addr.to_owned(),
+                detail: "closed the connection".into(),
+            });
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        match codec::parse_info_reply(&buf) {
+            Ok(Some((pairs, _))) => return Ok(pairs),
+            Ok(None) => {}
+            Err(e) => {
+                return Err(CacheError::Connect {
+                    addr: addr.to_owned(),
+                    detail: format!("not an Aerospike server: {e}"),
+                });
+            }
+        }
+    }
+    Err(CacheError::Connect {
+        addr: addr.to_owned(),
+        detail: "info reply too large".into(),
+    })
+}
+
+fn value<'a>(pairs: &'a codec::InfoPairs, name: &str) -> Option<&'a str> {
+    pairs
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// Dials the seeds and learns the cluster within the dial timeout; fails
+/// closed with a specific error.
+pub fn open(config: &Config) -> Result<AerospikeBackend, CacheError> {
+    let namespace = config
+        .aero_namespace
+        .clone()
+        .ok_or_else(|| CacheError::Config("aerospike needs a namespace".into()))?;
+    let bin =
+        BinName::new(config.aero_bin.as_bytes()).map_err(|e| CacheError::Config(e.to_string()))?;
+    if config.aero_hosts.is_empty() {
+        return Err(CacheError::Config("aerospike needs seed hosts".into()));
+    }
+    let deadline = Instant::now() + config.dial_timeout;
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut owner = vec![u16::MAX; codec::PARTITIONS].into_boxed_slice();
+    let mut to_visit: Vec<String> = config.aero_hosts.clone();
+    let mut last_error = None;
+    let mut visited = 0;
+    // Bounded: every node is visited once; peers add at most PEERS_MAX.
+    while let Some(host) = to_visit.pop() {
+        visited += 1;
+        if visited > codec::PEERS_MAX + config.aero_hosts.len() {
+            break;
+        }
+        let addr = match host.to_socket_addrs().ok().and_then(|mut a| a.next()) {
+            Some(a) => a,
+            None => {
+                last_error = Some(CacheError::Connect {
+                    addr: host.clone(),
+                    detail: "cannot resolve".into(),
+                });
+                continue;
+            }
+        };
+        if nodes.iter().any(|n| n.addr == addr) {
+            continue;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut stream =
+            match StdTcpStream::connect_timeout(&addr, left.max(Duration::from_millis(1))) {
+                Ok(s) => s,
+                Err(e) => {
+                    last_error = Some(match e.kind() {
+                        std::io::ErrorKind::ConnectionRefused => {
+                            CacheError::Refused { addr: host.clone() }
+                        }
+                        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => {
+                            CacheError::DialTimeout {
+                                addr: host.clone(),
+                                after_ms: config.dial_timeout.as_millis() as u64,
+                            }
+                        }
+                        _ => CacheError::Connect {
+                            addr: host.clone(),
+                            detail: e.to_string(),
+                        },
+                    });
+                    continue;
+                }
+            };
+        let pairs = match info_blocking(
+            &mut stream,
+            &host,
+            &[
+                "node",
+                "partition-generation",
+                "replicas",
+                "peers-clear-std",
+            ],
+            deadline,
+        ) {
+            Ok(p) => p,
+            Err(CacheError::DialTimeout { addr, .. }) => {
+                last_error = Some(CacheError::DialTimeout {
+                    addr,
+                    after_ms: config.dial_timeout.as_millis() as u64,
+                });
+                continue;
+            }
+            Err(e) => {
+                last_error = Some(e);
+                continue;
+            }
+        };
+        let id = value(&pairs, "node").unwrap_or_default().to_owned();
+        if id.is_empty() || id.starts_with("ERROR") {
+            last_error = Some(CacheError::Connect {
+                addr: host.clone(),
+                detail: "answered no node id: not an Aerospike node".into(),
+            });
+            continue;
+        }
+        let index = nodes.len() as u16;
+        nodes.push(Node { id, addr });
+        if let Some(replicas) = value(&pairs, "replicas") {
+            match codec::parse_replicas_masters(replicas, &namespace) {
+                Ok(Some(masters)) => {
+                    for (p, &m) in masters.iter().enumerate() {
+                        if m {
+                            owner[p] = index;
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(CacheError::Connect {
+                        addr: host.clone(),
+                        detail: format!("bad replicas: {e}"),
+                    });
+                }
+            }
+        }
+        if let Some(peers) = value(&pairs, "peers-clear-std")
+            && let Ok(peers) = codec::parse_peers_clear_std(peers)
+        {
+            for p in peers.nodes {
+                for (h, port) in p.addrs {
+                    let text = if h.contains(':') {
+                        format!("[{h}]:{port}")
+                    } else {
+                        format!("{h}:{port}")
+                    };
+                    to_visit.push(text);
+                }
+            }
+        }
+    }
+    if nodes.is_empty() {
+        return Err(
+            last_error.unwrap_or_else(|| CacheError::Config("no Aerospike node answered".into()))
+        );
+    }
+    if owner.iter().all(|&o| o == u16::MAX) {
+        return Err(CacheError::Config(format!(
+            "namespace '{namespace}' is not served by any of the {} node(s) found",
+            nodes.len()
+        )));
+    }
+    Ok(AerospikeBackend {
+        inner: Arc::new(Settings {
+            namespace,
+            set: config.aero_set.clone(),
+            bin,
+            dial_timeout: config.dial_timeout,
+            op_timeout: config.op_timeout,
+            inflight_max: INFLIGHT_MAX,
+            conns_per_node: config.aero_conns_per_node.max(1),
+            nodes,
+            owner,
+        }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_rounds_up_to_whole_seconds_and_zero_never_expires() {
+        assert_eq!(ttl_of(Duration::ZERO), Ttl::Never);
+        assert_eq!(ttl_of(Duration::from_millis(1)), Ttl::Seconds(1));
+        assert_eq!(ttl_of(Duration::from_millis(1500)), Ttl::Seconds(2));
+        assert_eq!(ttl_of(Duration::from_secs(60)), Ttl::Seconds(60));
+    }
+}
