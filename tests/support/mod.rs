@@ -1,6 +1,7 @@
 //! Shared test support: engine builders and the backend contract suite.
 #![allow(dead_code)]
 
+pub mod aerospike;
 pub mod contract;
 pub mod proxy;
 pub mod redis;

@@ -772,6 +772,281 @@ impl<'a> PeerParser<'a> {
     }
 }
 
+// ---------------------------------------------------------------------------
+// Server side (for the protocol-level test server): requests parsed, replies
+// composed. Same rules as the client side: bounded by the input, no panics.
+// ---------------------------------------------------------------------------
+
+/// Field type of the user key (`particle type ‖ key bytes`); optional on the
+/// wire, never sent by txgate.
+pub const FIELD_KEY: u8 = 2;
+/// Record TTL slot of a request: never expire.
+pub const REQUEST_TTL_NEVER: u32 = TTL_NEVER_EXPIRE;
+/// Record TTL slot of a request: keep the record's current TTL.
+pub const REQUEST_TTL_KEEP: u32 = TTL_DONT_UPDATE;
+
+/// One op of a parsed request: `op` 1 = READ, 2 = WRITE (others kept as sent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedOp {
+    pub op: u8,
+    pub particle_type: u8,
+    pub name: BinName,
+    pub value: Vec<u8>,
+}
+
+/// One AS_MSG request as a server reads it. Fields are kept raw (their data
+/// without the type byte): judging them (a digest of the wrong length, an
+/// unknown namespace) is the server's business, answered with a result code.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ParsedRequest {
+    pub info1: u8,
+    pub info2: u8,
+    pub info3: u8,
+    pub generation: u32,
+    /// Record TTL slot: 0 = namespace default, [`REQUEST_TTL_NEVER`],
+    /// [`REQUEST_TTL_KEEP`], else seconds; the read-touch percentage on reads.
+    pub record_ttl: u32,
+    /// Transaction TTL in ms (0 = server default).
+    pub timeout_ms: u32,
+    pub namespace: Option<Vec<u8>>,
+    pub set: Option<Vec<u8>>,
+    /// The digest field's data; 20 bytes when well formed.
+    pub digest: Option<Vec<u8>>,
+    /// The key field's data: particle type byte, then the key.
+    pub key: Option<Vec<u8>>,
+    pub ops: Vec<ParsedOp>,
+}
+
+impl ParsedRequest {
+    /// info1 READ.
+    pub fn is_read(&self) -> bool {
+        self.info1 & INFO1_READ != 0
+    }
+
+    /// info1 GET_ALL.
+    pub fn is_get_all(&self) -> bool {
+        self.info1 & INFO1_GET_ALL != 0
+    }
+
+    /// info1 GET_NO_BINS.
+    pub fn is_get_no_bins(&self) -> bool {
+        self.info1 & INFO1_GET_NO_BINS != 0
+    }
+
+    /// info2 WRITE.
+    pub fn is_write(&self) -> bool {
+        self.info2 & INFO2_WRITE != 0
+    }
+
+    /// info2 DELETE.
+    pub fn is_delete(&self) -> bool {
+        self.info2 & INFO2_DELETE != 0
+    }
+
+    /// info2 CREATE_ONLY.
+    pub fn is_create_only(&self) -> bool {
+        self.info2 & INFO2_CREATE_ONLY != 0
+    }
+
+    /// info3 CREATE_OR_REPLACE.
+    pub fn is_create_or_replace(&self) -> bool {
+        self.info3 & INFO3_CREATE_OR_REPLACE != 0
+    }
+
+    /// info3 UPDATE_ONLY.
+    pub fn is_update_only(&self) -> bool {
+        self.info3 & INFO3_UPDATE_ONLY != 0
+    }
+
+    /// info3 REPLACE_ONLY.
+    pub fn is_replace_only(&self) -> bool {
+        self.info3 & INFO3_REPLACE_ONLY != 0
+    }
+
+    /// The digest when it is exactly [`DIGEST_LEN`] bytes.
+    pub fn digest(&self) -> Option<[u8; DIGEST_LEN]> {
+        self.digest.as_deref().and_then(|d| d.try_into().ok())
+    }
+}
+
+const INFO1_GET_ALL: u8 = 0x02;
+const INFO1_GET_NO_BINS: u8 = 0x20;
+const INFO3_UPDATE_ONLY: u8 = 0x08;
+const INFO3_REPLACE_ONLY: u8 = 0x20;
+
+/// Parses one AS_MSG request from the front of `buf` (what a server reads):
+/// the request and the bytes it used, `Ok(None)` when `buf` holds only part
+/// of one.
+pub fn parse_request(buf: &[u8]) -> Result<Option<(ParsedRequest, usize)>, CodecError> {
+    let Some(len) = frame(buf, PROTO_TYPE_MSG, MSG_HEADER_LEN)? else {
+        return Ok(None);
+    };
+    let body = &buf[PROTO_HEADER_LEN..PROTO_HEADER_LEN + len];
+    if body[0] != MSG_HEADER_LEN as u8 {
+        return Err(CodecError::HeaderSize { got: body[0] });
+    }
+    let mut req = ParsedRequest {
+        info1: body[1],
+        info2: body[2],
+        info3: body[3],
+        generation: be_u32(body, 6),
+        record_ttl: be_u32(body, 10),
+        timeout_ms: be_u32(body, 14),
+        ..ParsedRequest::default()
+    };
+    let n_fields = be_u16(body, 18) as usize;
+    let n_ops = be_u16(body, 20) as usize;
+    let mut at = MSG_HEADER_LEN;
+    for index in 0..n_fields {
+        let left = body.len() - at;
+        if left < FIELD_HEADER_LEN {
+            return Err(CodecError::Field {
+                index,
+                size: if left >= 4 {
+                    u64::from(be_u32(body, at))
+                } else {
+                    0
+                },
+                left,
+            });
+        }
+        let size = u64::from(be_u32(body, at));
+        if size == 0 || size > (left - 4) as u64 {
+            return Err(CodecError::Field { index, size, left });
+        }
+        let data = body[at + FIELD_HEADER_LEN..at + 4 + size as usize].to_vec();
+        match body[at + 4] {
+            FIELD_NAMESPACE => req.namespace = Some(data),
+            FIELD_SET => req.set = Some(data),
+            FIELD_KEY => req.key = Some(data),
+            FIELD_DIGEST => req.digest = Some(data),
+            _ => {} // other fields (filters, policies) are skipped
+        }
+        at += 4 + size as usize;
+    }
+    let left = body.len() - at;
+    if n_ops.saturating_mul(OP_HEADER_LEN) > left {
+        return Err(CodecError::OpCount { n_ops, left });
+    }
+    req.ops.reserve_exact(n_ops);
+    for index in 0..n_ops {
+        let left = body.len() - at;
+        let size = if left >= OP_HEADER_LEN {
+            u64::from(be_u32(body, at))
+        } else {
+            0
+        };
+        if left < OP_HEADER_LEN || size < 4 || size > (left - 4) as u64 {
+            return Err(CodecError::Op { index, size, left });
+        }
+        let name_len = body[at + 7] as usize;
+        if name_len as u64 > size - 4 {
+            return Err(CodecError::OpName {
+                index,
+                len: name_len,
+                size,
+            });
+        }
+        let name_at = at + OP_HEADER_LEN;
+        let end = at + 4 + size as usize;
+        req.ops.push(ParsedOp {
+            op: body[at + 4],
+            particle_type: body[at + 5],
+            name: BinName::new(&body[name_at..name_at + name_len])?,
+            value: body[name_at + name_len..end].to_vec(),
+        });
+        at = end;
+    }
+    if at != body.len() {
+        return Err(CodecError::Trailing {
+            extra: body.len() - at,
+        });
+    }
+    Ok(Some((req, PROTO_HEADER_LEN + len)))
+}
+
+/// Appends one AS_MSG reply (what a server writes): header, no fields, one
+/// READ op per bin. `expiration` is seconds since 2010-01-01 UTC (0 =
+/// never). On error (a bin name over 15 bytes, a body over the limit) `out`
+/// is left as it was.
+pub fn encode_reply(
+    out: &mut Vec<u8>,
+    result: ResultCode,
+    generation: u32,
+    expiration: u32,
+    bins: &[(&[u8], u8, &[u8])],
+) -> Result<(), CodecError> {
+    let mut body_len = MSG_HEADER_LEN;
+    for (name, _, value) in bins {
+        if name.len() > BIN_NAME_MAX {
+            return Err(CodecError::BinName { len: name.len() });
+        }
+        body_len = body_len.saturating_add(OP_HEADER_LEN + name.len() + value.len());
+    }
+    if body_len > PROTO_BODY_MAX || bins.len() > usize::from(u16::MAX) {
+        return Err(CodecError::RequestTooLarge { len: body_len });
+    }
+    out.reserve(PROTO_HEADER_LEN + body_len);
+    proto_header(out, PROTO_TYPE_MSG, body_len);
+    out.extend_from_slice(&[MSG_HEADER_LEN as u8, 0, 0, 0, 0, result.0]);
+    out.extend_from_slice(&generation.to_be_bytes());
+    out.extend_from_slice(&expiration.to_be_bytes());
+    out.extend_from_slice(&0u32.to_be_bytes()); // transaction ttl: unused in replies
+    out.extend_from_slice(&0u16.to_be_bytes()); // n_fields
+    out.extend_from_slice(&(bins.len() as u16).to_be_bytes());
+    for (name, particle, value) in bins {
+        out.extend_from_slice(&((4 + name.len() + value.len()) as u32).to_be_bytes());
+        out.extend_from_slice(&[OP_READ, *particle, 0, name.len() as u8]);
+        out.extend_from_slice(name);
+        out.extend_from_slice(value);
+    }
+    Ok(())
+}
+
+/// Parses one info request (proto type 1): the commands, each ended by `\n`
+/// (a last one without `\n` is ignored, as the server does; empty lines are
+/// skipped), and the bytes used; `Ok(None)` = need more.
+pub fn parse_info_request(buf: &[u8]) -> Result<Option<(Vec<String>, usize)>, CodecError> {
+    let Some(len) = frame(buf, PROTO_TYPE_INFO, 0)? else {
+        return Ok(None);
+    };
+    let body = &buf[PROTO_HEADER_LEN..PROTO_HEADER_LEN + len];
+    let text = std::str::from_utf8(body).map_err(|e| CodecError::InfoUtf8 {
+        at: e.valid_up_to(),
+    })?;
+    let complete = match text.rfind('\n') {
+        Some(end) => &text[..end],
+        None => "",
+    };
+    let commands = complete
+        .split('\n')
+        .filter(|c| !c.is_empty())
+        .map(str::to_owned)
+        .collect();
+    Ok(Some((commands, PROTO_HEADER_LEN + len)))
+}
+
+/// Appends one info reply: `name\tvalue\n` per pair. Names and values must
+/// hold no `\n` (nor a tab in the name); the body must stay under
+/// [`PROTO_BODY_MAX`] (both debug-asserted: the server writes them).
+pub fn encode_info_reply(out: &mut Vec<u8>, pairs: &[(&str, &str)]) {
+    let body_len: usize = pairs.iter().map(|(n, v)| n.len() + v.len() + 2).sum();
+    debug_assert!(body_len <= PROTO_BODY_MAX);
+    debug_assert!(
+        pairs
+            .iter()
+            .all(|(n, v)| !n.contains(['\n', '\t']) && !v.contains('\n'))
+    );
+    out.reserve(PROTO_HEADER_LEN + body_len);
+    proto_header(out, PROTO_TYPE_INFO, body_len);
+    for (name, value) in pairs {
+        out.extend_from_slice(name.as_bytes());
+        out.push(b'\t');
+        out.extend_from_slice(value.as_bytes());
+        out.push(b'\n');
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1387,6 +1662,302 @@ mod tests {
                 .map(|_| REPLICAS_ALPHABET[rng.below(REPLICAS_ALPHABET.len())] as char)
                 .collect();
             let _ = parse_replicas_masters(&s, "test");
+        }
+    }
+}
+
+#[cfg(test)]
+mod server_tests {
+    use super::*;
+
+    const DIGEST: [u8; 20] = [7; 20];
+
+    fn encoded(op: Op<'_>, set: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_request(
+            &Request {
+                namespace: b"test",
+                set,
+                digest: &DIGEST,
+                timeout_ms: 250,
+                op,
+            },
+            &mut out,
+        )
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn requests_round_trip_through_parse_request() {
+        let bin = BinName::new(b"v").unwrap();
+        let cases = [
+            (
+                Op::SetNx {
+                    ttl: Ttl::Seconds(60),
+                    bin,
+                    value: b"hello",
+                },
+                (0, 0x21, 0, 60),
+            ),
+            (
+                Op::Set {
+                    ttl: Ttl::Never,
+                    bin,
+                    value: b"",
+                },
+                (0, 0x01, 0x10, 0xFFFF_FFFF),
+            ),
+            (Op::Get { bin }, (0x01, 0, 0, 0xFFFF_FFFF)),
+            (Op::Del, (0, 0x03, 0, 0)),
+        ];
+        for (op, (info1, info2, info3, ttl)) in cases {
+            for set in [&b"set"[..], b""] {
+                let mut bytes = encoded(op, set);
+                let n = bytes.len();
+                bytes.extend_from_slice(&[2, 3, 0]); // the start of the next one
+                let (req, used) = parse_request(&bytes).unwrap().unwrap();
+                assert_eq!(used, n);
+                assert_eq!(
+                    (req.info1, req.info2, req.info3, req.record_ttl),
+                    (info1, info2, info3, ttl)
+                );
+                assert_eq!(req.timeout_ms, 250);
+                assert_eq!(req.namespace.as_deref(), Some(&b"test"[..]));
+                assert_eq!(req.set.as_deref(), (!set.is_empty()).then_some(set));
+                assert_eq!(req.digest(), Some(DIGEST));
+                assert_eq!(req.key, None);
+                let ops: Vec<(u8, u8, &[u8], &[u8])> = req
+                    .ops
+                    .iter()
+                    .map(|o| (o.op, o.particle_type, o.name.as_bytes(), &o.value[..]))
+                    .collect();
+                let want: Vec<(u8, u8, &[u8], &[u8])> = match op {
+                    Op::SetNx { value, .. } | Op::Set { value, .. } => {
+                        vec![(OP_WRITE, PARTICLE_BLOB, b"v", value)]
+                    }
+                    Op::Get { .. } => vec![(OP_READ, PARTICLE_NULL, b"v", b"")],
+                    Op::Del => vec![],
+                };
+                assert_eq!(ops, want);
+                assert_eq!(req.is_write(), info2 & 1 != 0);
+                assert_eq!(req.is_delete(), matches!(op, Op::Del));
+                assert_eq!(req.is_create_only(), matches!(op, Op::SetNx { .. }));
+                assert_eq!(req.is_create_or_replace(), matches!(op, Op::Set { .. }));
+                assert_eq!(req.is_read(), matches!(op, Op::Get { .. }));
+                for cut in 0..n {
+                    assert_eq!(parse_request(&bytes[..cut]), Ok(None), "prefix {cut}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn parse_request_keeps_key_fields_and_odd_digests_raw() {
+        // Hand-built: namespace, key field, a 3-byte "digest", unknown field 9.
+        let mut body = vec![22, 0x01, 0, 0, 0, 0];
+        body.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0]);
+        for (t, d) in [(0u8, &b"ns"[..]), (2, b"\x04key"), (4, b"abc"), (9, b"zz")] {
+            body.extend_from_slice(&(d.len() as u32 + 1).to_be_bytes());
+            body.push(t);
+            body.extend_from_slice(d);
+        }
+        let mut bytes = Vec::new();
+        proto_header(&mut bytes, PROTO_TYPE_MSG, body.len());
+        bytes.extend_from_slice(&body);
+        let (req, _) = parse_request(&bytes).unwrap().unwrap();
+        assert_eq!(req.generation, 1);
+        assert_eq!(req.namespace.as_deref(), Some(&b"ns"[..]));
+        assert_eq!(req.key.as_deref(), Some(&b"\x04key"[..]));
+        assert_eq!(req.digest.as_deref(), Some(&b"abc"[..]));
+        assert_eq!(req.digest(), None);
+        assert!(req.ops.is_empty());
+    }
+
+    #[test]
+    fn parse_request_refuses_garbage() {
+        let ok = encoded(
+            Op::SetNx {
+                ttl: Ttl::Seconds(1),
+                bin: BinName::new(b"v").unwrap(),
+                value: b"abc",
+            },
+            b"set",
+        );
+        let with = |at: usize, b: u8| {
+            let mut v = ok.clone();
+            v[at] = b;
+            v
+        };
+        assert_eq!(
+            parse_request(b"GET / HTTP/1.1"),
+            Err(CodecError::ProtoVersion { got: b'G' })
+        );
+        assert_eq!(
+            parse_request(&[2, 1]),
+            Err(CodecError::ProtoType { got: 1, want: 3 })
+        );
+        assert_eq!(parse_request(&[2, 4]), Err(CodecError::Compressed));
+        assert_eq!(
+            parse_request(&with(8, 21)),
+            Err(CodecError::HeaderSize { got: 21 })
+        );
+        // n_ops = 0x0101 in a short body.
+        assert!(matches!(
+            parse_request(&with(28, 1)),
+            Err(CodecError::OpCount { .. })
+        ));
+        // n_fields = 5: the op is read as a fourth field, nothing is left
+        // for the fifth.
+        assert!(matches!(
+            parse_request(&with(27, 5)),
+            Err(CodecError::Field { .. })
+        ));
+        // Op size over the body.
+        let op_at = 30 + 42;
+        assert!(matches!(
+            parse_request(&with(op_at + 3, 200)),
+            Err(CodecError::Op { .. })
+        ));
+        // Op size too small: trailing bytes.
+        assert!(matches!(
+            parse_request(&with(op_at + 3, 5)),
+            Err(CodecError::Trailing { .. })
+        ));
+        // Name longer than the op.
+        assert!(matches!(
+            parse_request(&with(op_at + 7, 9)),
+            Err(CodecError::OpName { .. })
+        ));
+    }
+
+    #[test]
+    fn replies_round_trip_through_parse_reply() {
+        let mut out = b"x".to_vec();
+        encode_reply(
+            &mut out,
+            ResultCode::OK,
+            3,
+            0x0102_0304,
+            &[
+                (b"v", PARTICLE_BLOB, b"\x00val"),
+                (b"n", PARTICLE_INTEGER, &[0; 8]),
+            ],
+        )
+        .unwrap();
+        encode_reply(&mut out, ResultCode::NOT_FOUND, 0, 0, &[]).unwrap();
+        let (reply, used) = parse_reply(&out[1..]).unwrap().unwrap();
+        assert_eq!(reply.result, ResultCode::OK);
+        assert_eq!((reply.generation, reply.expiration), (3, 0x0102_0304));
+        assert_eq!(reply.bin(b"v").unwrap().value, b"\x00val");
+        assert_eq!(reply.bin(b"v").unwrap().particle_type, PARTICLE_BLOB);
+        assert_eq!(reply.bin(b"n").unwrap().particle_type, PARTICLE_INTEGER);
+        let (miss, used2) = parse_reply(&out[1 + used..]).unwrap().unwrap();
+        assert_eq!(1 + used + used2, out.len());
+        assert_eq!(miss.result, ResultCode::NOT_FOUND);
+        assert!(miss.bins.is_empty());
+        let mut keep = b"keep".to_vec();
+        assert_eq!(
+            encode_reply(&mut keep, ResultCode::OK, 0, 0, &[(&[b'n'; 16], 4, b"")]),
+            Err(CodecError::BinName { len: 16 })
+        );
+        assert_eq!(keep, b"keep");
+    }
+
+    #[test]
+    fn info_requests_and_replies_round_trip() {
+        let mut out = Vec::new();
+        encode_info(&["node", "replicas", "status"], &mut out);
+        let n = out.len();
+        out.push(2);
+        let (cmds, used) = parse_info_request(&out).unwrap().unwrap();
+        assert_eq!(
+            (cmds, used),
+            (vec!["node".into(), "replicas".into(), "status".into()], n)
+        );
+        for cut in 0..n {
+            assert_eq!(parse_info_request(&out[..cut]), Ok(None));
+        }
+        // A last command without '\n' is ignored; empty lines are skipped.
+        let mut raw = Vec::new();
+        proto_header(&mut raw, PROTO_TYPE_INFO, 12);
+        raw.extend_from_slice(b"node\n\nstatus");
+        assert_eq!(
+            parse_info_request(&raw).unwrap().unwrap().0,
+            vec!["node".to_owned()]
+        );
+        assert_eq!(
+            parse_info_request(&[2, 1, 0, 0, 0, 0, 0, 1, 0xFF]),
+            Err(CodecError::InfoUtf8 { at: 0 })
+        );
+        assert_eq!(
+            parse_info_request(&[2, 3]),
+            Err(CodecError::ProtoType { got: 3, want: 1 })
+        );
+
+        let mut reply = Vec::new();
+        encode_info_reply(
+            &mut reply,
+            &[
+                ("status", "ok"),
+                ("cluster-name", ""),
+                ("x", "ERROR:4:not supported"),
+            ],
+        );
+        let (pairs, used) = parse_info_reply(&reply).unwrap().unwrap();
+        assert_eq!(used, reply.len());
+        assert_eq!(
+            pairs,
+            [
+                ("status".to_owned(), "ok".to_owned()),
+                ("cluster-name".to_owned(), String::new()),
+                ("x".to_owned(), "ERROR:4:not supported".to_owned()),
+            ]
+        );
+    }
+
+    #[test]
+    fn server_parsers_survive_arbitrary_bytes() {
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let valid = encoded(
+            Op::SetNx {
+                ttl: Ttl::Seconds(5),
+                bin: BinName::new(b"v").unwrap(),
+                value: b"value",
+            },
+            b"set",
+        );
+        for round in 0..20_000 {
+            let mut v = valid.clone();
+            if round % 2 == 0 {
+                for _ in 0..1 + next() % 4 {
+                    let at = (next() % v.len() as u64) as usize;
+                    v[at] = next() as u8;
+                }
+                v.truncate((next() % (v.len() as u64 + 1)) as usize);
+            } else {
+                let len = (next() % 96) as usize;
+                v = (0..len).map(|_| next() as u8).collect();
+                if len >= 9 {
+                    v[..8].copy_from_slice(&[2, 3, 0, 0, 0, 0, 0, (len - 8) as u8]);
+                    v[8] = 22;
+                }
+            }
+            if let Ok(Some((_, used))) = parse_request(&v) {
+                assert!(used <= v.len());
+            }
+            if v.len() > 1 {
+                v[1] = 1;
+            }
+            if let Ok(Some((_, used))) = parse_info_request(&v) {
+                assert!(used <= v.len());
+            }
         }
     }
 }

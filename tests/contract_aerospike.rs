@@ -1,0 +1,98 @@
+//! The backend contract suite on the Aerospike backend, against our
+//! protocol-level test server (no Aerospike package can be installed here):
+//! one node, and three nodes with the partitions split between them.
+
+mod support;
+
+use std::time::Duration;
+
+use support::aerospike::AeroServer;
+use txgate::cache::{self, BackendKind, Config};
+use txgate::engine::Engine;
+
+fn config(seeds: Vec<String>) -> Config {
+    Config {
+        backend: BackendKind::Aerospike,
+        aero_hosts: seeds,
+        aero_namespace: Some("test".into()),
+        op_timeout: Duration::from_secs(2),
+        dial_timeout: Duration::from_secs(2),
+        ..Config::default()
+    }
+}
+
+fn engine_on(nodes: usize) -> (AeroServer, Engine) {
+    let server = AeroServer::start(nodes, "test");
+    let backend = cache::open(&config(server.seeds())).expect("aerospike opens");
+    (server, support::engine(4, backend))
+}
+
+mod one_node {
+    use super::*;
+    fn make() -> (AeroServer, Engine) {
+        engine_on(1)
+    }
+    contract_suite!(make);
+}
+
+mod three_nodes {
+    use super::*;
+    fn make() -> (AeroServer, Engine) {
+        engine_on(3)
+    }
+    contract_suite!(make);
+}
+
+#[test]
+fn open_finds_every_node_from_one_seed() {
+    let server = AeroServer::start(3, "test");
+    let seed = server.seeds()[1].clone();
+    let backend = cache::open(&config(vec![seed])).expect("opens from one seed");
+    match backend {
+        Some(cache::Backend::Aerospike(a)) => assert_eq!(a.node_ids().len(), 3),
+        other => panic!("not aerospike: {other:?}"),
+    }
+}
+
+#[test]
+fn open_refuses_an_unknown_namespace_and_a_dead_seed() {
+    let server = AeroServer::start(1, "test");
+    let mut cfg = config(server.seeds());
+    cfg.aero_namespace = Some("nope".into());
+    let e = cache::open(&cfg).unwrap_err().to_string();
+    assert!(e.contains("nope"), "{e}");
+    let port = support::redis::free_port();
+    let e = cache::open(&config(vec![format!("127.0.0.1:{port}")])).unwrap_err();
+    assert!(matches!(e, cache::CacheError::Refused { .. }), "{e:?}");
+}
+
+#[test]
+fn ops_go_to_their_partition_master_and_a_stale_map_costs_a_hop_not_an_error() {
+    use txgate::engine::{Op, Reply};
+    let (server, e) = engine_on(3);
+    let run = |tag: &str| {
+        for i in 0..200 {
+            let key = format!("{tag}:{i}").into_bytes();
+            let set = Op::Set {
+                key: key.clone(),
+                val: key.clone(),
+                ttl: Duration::from_secs(60),
+            };
+            assert_eq!(e.op_blocking(&key, set).unwrap(), Reply::Set);
+            assert_eq!(
+                e.op_blocking(&key, Op::Get { key: key.clone() }).unwrap(),
+                Reply::Get(Some(key))
+            );
+        }
+    };
+    run("routed");
+    assert!(server.requests() >= 400);
+    assert_eq!(server.proxied(), 0, "every op went to its master");
+    // The cluster's map moves; ours (read at open) is now stale.
+    server.set_misroute(true);
+    run("stale");
+    assert!(
+        server.proxied() > 0,
+        "ops reached non-masters and were served"
+    );
+}
