@@ -188,6 +188,21 @@ pub enum CacheError {
 }
 
 impl CacheError {
+    /// What a failed pipelined call means for op `op` with deadline `timeout`.
+    pub fn from_call(op: &'static str, e: crate::pipeline::CallError, timeout: Duration) -> Self {
+        match e {
+            crate::pipeline::CallError::Timeout(_) => Self::Timeout {
+                op,
+                after_ms: timeout.as_millis() as u64,
+            },
+            crate::pipeline::CallError::Closed => Self::Closed,
+            other => Self::Backend {
+                op,
+                detail: other.to_string(),
+            },
+        }
+    }
+
     /// True for timeouts, which callers count apart from other errors.
     pub fn is_timeout(&self) -> bool {
         matches!(self, Self::Timeout { .. })

@@ -154,20 +154,6 @@ impl AerospikeBackend {
     }
 }
 
-fn call_error(op: &'static str, e: CallError, timeout: Duration) -> CacheError {
-    match e {
-        CallError::Timeout(_) => CacheError::Timeout {
-            op,
-            after_ms: timeout.as_millis() as u64,
-        },
-        CallError::Closed => CacheError::Closed,
-        other => CacheError::Backend {
-            op,
-            detail: other.to_string(),
-        },
-    }
-}
-
 fn server_error(op: &'static str, code: ResultCode) -> CacheError {
     CacheError::Backend {
         op,
@@ -251,7 +237,7 @@ impl AerospikeShard {
             Ok(r) if r.result == ResultCode::OK => Ok(true),
             Ok(r) if r.result == ResultCode::RECORD_EXISTS => Ok(false),
             Ok(r) => Err(server_error("set_nx", r.result)),
-            Err(e) => Err(call_error("set_nx", e, self.settings.op_timeout)),
+            Err(e) => Err(CacheError::from_call("set_nx", e, self.settings.op_timeout)),
         }
     }
 
@@ -266,7 +252,7 @@ impl AerospikeShard {
         match self.request(key, op).await {
             Ok(r) if r.result == ResultCode::OK => Ok(()),
             Ok(r) => Err(server_error("set", r.result)),
-            Err(e) => Err(call_error("set", e, self.settings.op_timeout)),
+            Err(e) => Err(CacheError::from_call("set", e, self.settings.op_timeout)),
         }
     }
 
@@ -283,7 +269,7 @@ impl AerospikeShard {
             )),
             Ok(r) if r.result == ResultCode::NOT_FOUND => Ok(None),
             Ok(r) => Err(server_error("get", r.result)),
-            Err(e) => Err(call_error("get", e, self.settings.op_timeout)),
+            Err(e) => Err(CacheError::from_call("get", e, self.settings.op_timeout)),
         }
     }
 
@@ -292,7 +278,7 @@ impl AerospikeShard {
         match self.request(key, Op::Del).await {
             Ok(r) if r.result == ResultCode::OK || r.result == ResultCode::NOT_FOUND => Ok(()),
             Ok(r) => Err(server_error("del", r.result)),
-            Err(e) => Err(call_error("del", e, self.settings.op_timeout)),
+            Err(e) => Err(CacheError::from_call("del", e, self.settings.op_timeout)),
         }
     }
 

@@ -538,20 +538,6 @@ impl std::ops::Deref for Px {
     }
 }
 
-fn call_error(op: &'static str, e: CallError, timeout: Duration) -> CacheError {
-    match e {
-        CallError::Timeout(_) => CacheError::Timeout {
-            op,
-            after_ms: timeout.as_millis() as u64,
-        },
-        CallError::Closed => CacheError::Closed,
-        other => CacheError::Backend {
-            op,
-            detail: other.to_string(),
-        },
-    }
-}
-
 fn unexpected(op: &'static str, r: Reply) -> CacheError {
     match r {
         Reply::Error(e) => CacheError::Backend { op, detail: e },
@@ -633,12 +619,12 @@ impl RedisShard {
             let retry = self.set_cmd(key, val, ttl, true, true).await;
             return match retry {
                 Ok(reply) => nx_get_outcome(reply, val),
-                Err(e) => Err(call_error("set_nx", e, timeout)),
+                Err(e) => Err(CacheError::from_call("set_nx", e, timeout)),
             };
         }
         match first {
             Ok(reply) => nx_outcome(reply),
-            Err(e) => Err(call_error("set_nx", e, timeout)),
+            Err(e) => Err(CacheError::from_call("set_nx", e, timeout)),
         }
     }
 
@@ -647,7 +633,7 @@ impl RedisShard {
         match self.set_cmd(key, val, ttl, false, false).await {
             Ok(Reply::Ok) => Ok(()),
             Ok(other) => Err(unexpected("set", other)),
-            Err(e) => Err(call_error("set", e, self.settings.op_timeout)),
+            Err(e) => Err(CacheError::from_call("set", e, self.settings.op_timeout)),
         }
     }
 
@@ -657,7 +643,7 @@ impl RedisShard {
             Ok(Reply::Bulk(v)) => Ok(Some(v)),
             Ok(Reply::Nil) => Ok(None),
             Ok(other) => Err(unexpected("get", other)),
-            Err(e) => Err(call_error("get", e, self.settings.op_timeout)),
+            Err(e) => Err(CacheError::from_call("get", e, self.settings.op_timeout)),
         }
     }
 
@@ -666,7 +652,7 @@ impl RedisShard {
         match self.exec(key, |b| encode_command(b, &[b"DEL", key])).await {
             Ok(Reply::Int(_)) => Ok(()),
             Ok(other) => Err(unexpected("del", other)),
-            Err(e) => Err(call_error("del", e, self.settings.op_timeout)),
+            Err(e) => Err(CacheError::from_call("del", e, self.settings.op_timeout)),
         }
     }
 
