@@ -44,17 +44,6 @@ fn assert_no_desync(e: &Engine, tag: &str) {
     }
 }
 
-fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        if cond() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("timed out waiting for {what}");
-}
-
 #[test]
 fn dropped_connections_fail_fast_and_the_shard_reconnects() {
     let server = AeroServer::start(3, "test");
@@ -69,7 +58,7 @@ fn dropped_connections_fail_fast_and_the_shard_reconnects() {
         "no stall: {:?}",
         t0.elapsed()
     );
-    wait_for("reconnect", Duration::from_secs(10), || {
+    support::wait_for("reconnect", Duration::from_secs(10), || {
         e.op_blocking(&key, Op::Get { key: key.clone() }).is_ok()
     });
     assert_no_desync(&e, "after");

@@ -79,17 +79,6 @@ fn start_load(e: &Engine, tasks: usize, load: Arc<Load>) {
     .expect("shard answers");
 }
 
-fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        if cond() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("timed out waiting for {what}");
-}
-
 /// Distinct values for distinct keys read back exactly: no reply went to
 /// the wrong request.
 fn assert_no_desync(e: &Engine, tag: &str) {
@@ -121,16 +110,16 @@ fn kill9_under_load_fails_in_flight_ops_fast_and_reconnects_after_restart() {
     let e = engine_at(&server.addr(), op_timeout);
     let load = Arc::new(Load::default());
     start_load(&e, 16, load.clone());
-    wait_for("load to run", Duration::from_secs(5), || {
+    support::wait_for("load to run", Duration::from_secs(5), || {
         load.ok.load(Ordering::Relaxed) > 1000
     });
     server.kill9();
-    wait_for("ops to fail", Duration::from_secs(5), || {
+    support::wait_for("ops to fail", Duration::from_secs(5), || {
         load.err.load(Ordering::Relaxed) > 100
     });
     server.restart();
     let ok_at_restart = load.ok.load(Ordering::Relaxed);
-    wait_for(
+    support::wait_for(
         "ops to succeed again after the restart",
         Duration::from_secs(10),
         || load.ok.load(Ordering::Relaxed) > ok_at_restart + 1000,
@@ -149,7 +138,7 @@ fn sigstop_for_2s_every_op_returns_within_the_op_timeout_and_replies_match_after
     let e = engine_at(&server.addr(), op_timeout);
     let load = Arc::new(Load::default());
     start_load(&e, 16, load.clone());
-    wait_for("load to run", Duration::from_secs(5), || {
+    support::wait_for("load to run", Duration::from_secs(5), || {
         load.ok.load(Ordering::Relaxed) > 1000
     });
     server.pause();
@@ -161,7 +150,7 @@ fn sigstop_for_2s_every_op_returns_within_the_op_timeout_and_replies_match_after
         "ops failed (timed out) while the server was stopped"
     );
     let ok_at_resume = load.ok.load(Ordering::Relaxed);
-    wait_for(
+    support::wait_for(
         "ops to succeed after SIGCONT",
         Duration::from_secs(10),
         || load.ok.load(Ordering::Relaxed) > ok_at_resume + 1000,
@@ -262,7 +251,7 @@ fn a_reset_mid_reply_fails_the_op_and_the_connection_comes_back() {
         e.op_blocking(&key, Op::Get { key: key.clone() }).is_err(),
         "cut reply is an error"
     );
-    wait_for(
+    support::wait_for(
         "reconnect",
         Duration::from_secs(10),
         || matches!(e.op_blocking(&key, Op::Get { key: key.clone() }), Ok(Reply::Get(Some(v))) if v == big),
@@ -294,7 +283,7 @@ fn a_blackholed_connection_is_replaced_not_left_to_overflow() {
         "the wedged connection was replaced"
     );
     proxy.set_blackhole(false);
-    wait_for("ops to work again", Duration::from_secs(10), || {
+    support::wait_for("ops to work again", Duration::from_secs(10), || {
         e.op_blocking(&key, Op::Get { key: key.clone() }).is_ok()
     });
     assert_no_desync(&e, "after");

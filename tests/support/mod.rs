@@ -52,3 +52,16 @@ pub fn txid(i: u64) -> [u8; 16] {
     id[8..].copy_from_slice(&i.to_be_bytes());
     id
 }
+
+/// Polls `cond` every 10 ms until it holds; panics naming `what` after
+/// `limit`. Every wait in the tests is bounded this way.
+pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let end = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < end {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("timed out waiting for {what}");
+}
