@@ -568,8 +568,10 @@ fn info_value(shared: &Shared, node: usize, command: &str) -> String {
             .partition_generation
             .load(Ordering::SeqCst)
             .to_string(),
-        "replicas" | "replicas-all" => format!("{ns}:0,1,{};", masters_b64(shared, node)),
-        "replicas-master" => format!("{ns}:{};", masters_b64(shared, node)),
+        // One namespace, so no `;` at all: the real server chomps the
+        // trailing one, and the official client rejects an empty entry.
+        "replicas" | "replicas-all" => format!("{ns}:0,1,{}", masters_b64(shared, node)),
+        "replicas-master" => format!("{ns}:{}", masters_b64(shared, node)),
         "peers-clear-std" => {
             let peers: Vec<String> = (0..shared.nodes)
                 .filter(|&i| i != node)
