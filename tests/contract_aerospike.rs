@@ -96,3 +96,35 @@ fn ops_go_to_their_partition_master_and_a_stale_map_costs_a_hop_not_an_error() {
         "ops reached non-masters and were served"
     );
 }
+
+#[test]
+fn a_changed_partition_map_is_tended_and_ops_follow_it() {
+    use txgate::engine::{Op, Reply};
+    let (server, e) = engine_on(3);
+    let batch = |tag: &str| {
+        let before = server.proxied();
+        for i in 0..60 {
+            let key = format!("{tag}:{i}").into_bytes();
+            let set = Op::Set {
+                key: key.clone(),
+                val: key.clone(),
+                ttl: Duration::from_secs(60),
+            };
+            assert_eq!(e.op_blocking(&key, set).unwrap(), Reply::Set);
+        }
+        server.proxied() - before
+    };
+    assert_eq!(batch("fresh"), 0);
+    // The cluster moves its partitions (and bumps partition-generation).
+    server.set_misroute(true);
+    assert!(
+        batch("stale") > 0,
+        "right after the move our map is stale: ops are proxied"
+    );
+    // Within a few tending rounds the new map reaches every shard.
+    let mut round = 0;
+    support::wait_for("the new map to be tended", Duration::from_secs(10), || {
+        round += 1;
+        batch(&format!("tended{round}")) == 0
+    });
+}

@@ -13,15 +13,22 @@
 //! - Every request carries its deadline as the transaction TTL, so the
 //!   server answers by then.
 //!
-//! Not yet: re-tending on `partition-generation` / `peers-generation`
-//! changes (the map is the one read at open).
+//! - A tending thread (cold path) polls every node's `partition-generation`
+//!   each second; when one changes it refetches `replicas` and publishes a
+//!   new owner map. Shards pick it up in their sweep task (an atomic load per
+//!   tick), so the hot path reads a shard-local copy without locks.
+//!
+//! Not yet: nodes joining after open (`peers-generation`): their partitions
+//! are reached through the nodes we know, which proxy.
 
 pub mod codec;
 
+use std::cell::{Cell, RefCell};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream as StdTcpStream, ToSocketAddrs};
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use glommio::net::TcpStream;
@@ -62,9 +69,14 @@ struct Settings {
     inflight_max: usize,
     conns_per_node: usize,
     nodes: Vec<Node>,
-    /// Master node index per partition; `u16::MAX` where no node claimed it.
-    owner: Box<[u16]>,
+    /// Master node index per partition (`u16::MAX`: no node claimed it),
+    /// as last tended; `owner_gen` counts the maps published.
+    owner: Mutex<Arc<[u16]>>,
+    owner_gen: AtomicU64,
 }
+
+/// How often the tending thread polls `partition-generation`.
+const TEND_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The process-wide Aerospike backend: nodes and the partition map.
 #[derive(Debug, Clone)]
@@ -77,7 +89,9 @@ pub struct AerospikeShard {
     settings: Arc<Settings>,
     /// `conns[node][i]`: the shard's connections to each node.
     conns: Vec<Vec<Rc<Pipeline<AsMsg>>>>,
-    next_conn: std::cell::Cell<usize>,
+    next_conn: Cell<usize>,
+    /// This shard's copy of the owner map, and which publication it is.
+    owner: Rc<RefCell<(u64, Arc<[u16]>)>>,
     _sweeper: glommio::Task<()>,
 }
 
@@ -133,6 +147,8 @@ impl AerospikeBackend {
         }
         let every = (s.op_timeout / 10).clamp(Duration::from_millis(1), Duration::from_millis(10));
         let swept: Vec<_> = conns.iter().flatten().map(Rc::downgrade).collect();
+        let owner = Rc::new(RefCell::new(current_owner(s)));
+        let (tended, local) = (Arc::downgrade(s), Rc::downgrade(&owner));
         let sweeper = glommio::spawn_local(async move {
             loop {
                 glommio::timer::sleep(every).await;
@@ -143,14 +159,100 @@ impl AerospikeBackend {
                         None => return,
                     }
                 }
+                // A newer map from the tending thread: one atomic load per
+                // tick; the lock only when there is one.
+                if let (Some(s), Some(local)) = (tended.upgrade(), local.upgrade())
+                    && s.owner_gen.load(Ordering::Acquire) != local.borrow().0
+                {
+                    *local.borrow_mut() = current_owner(&s);
+                }
             }
         });
         Ok(AerospikeShard {
             settings: s.clone(),
             conns,
-            next_conn: std::cell::Cell::new(0),
+            next_conn: Cell::new(0),
+            owner,
             _sweeper: sweeper,
         })
+    }
+}
+
+fn current_owner(s: &Settings) -> (u64, Arc<[u16]>) {
+    let map = s.owner.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    (s.owner_gen.load(Ordering::Acquire), map)
+}
+
+/// Masters per partition from each node's `replicas`, nodes by index.
+fn owners_from(
+    replicas: &[Option<String>],
+    namespace: &str,
+) -> Result<Box<[u16]>, codec::CodecError> {
+    let mut owner = vec![u16::MAX; codec::PARTITIONS].into_boxed_slice();
+    for (index, r) in replicas.iter().enumerate() {
+        let Some(r) = r else { continue };
+        if let Some(masters) = codec::parse_replicas_masters(r, namespace)? {
+            for (p, &m) in masters.iter().enumerate() {
+                if m {
+                    owner[p] = index as u16;
+                }
+            }
+        }
+    }
+    Ok(owner)
+}
+
+/// The tending loop: while the backend lives, poll every node's
+/// `partition-generation` each [`TEND_INTERVAL`]; on a change, rebuild the
+/// owner map from `replicas` and publish it. Bounded per round by the dial
+/// timeout per node; ends when the backend is dropped.
+fn tend(weak: Weak<Settings>, mut seen: Vec<Option<String>>) {
+    loop {
+        let step = Duration::from_millis(50);
+        let mut slept = Duration::ZERO;
+        while slept < TEND_INTERVAL {
+            std::thread::sleep(step);
+            slept += step;
+            if weak.strong_count() == 0 {
+                return;
+            }
+        }
+        let Some(s) = weak.upgrade() else { return };
+        let ask = |node: &Node, cmds: &[&str]| -> Option<codec::InfoPairs> {
+            let mut stream = StdTcpStream::connect_timeout(&node.addr, s.dial_timeout).ok()?;
+            info_blocking(
+                &mut stream,
+                &node.addr.to_string(),
+                cmds,
+                Instant::now() + s.dial_timeout,
+            )
+            .ok()
+        };
+        let gens: Vec<Option<String>> = s
+            .nodes
+            .iter()
+            .map(|n| {
+                ask(n, &["partition-generation"])
+                    .and_then(|p| value(&p, "partition-generation").map(str::to_owned))
+            })
+            .collect();
+        if gens == seen {
+            continue;
+        }
+        let replicas: Vec<Option<String>> = s
+            .nodes
+            .iter()
+            .map(|n| ask(n, &["replicas"]).and_then(|p| value(&p, "replicas").map(str::to_owned)))
+            .collect();
+        match owners_from(&replicas, &s.namespace) {
+            Ok(owner) if owner.iter().any(|&o| o != u16::MAX) => {
+                *s.owner.lock().unwrap_or_else(|p| p.into_inner()) = Arc::from(owner);
+                s.owner_gen.fetch_add(1, Ordering::AcqRel);
+                seen = gens;
+            }
+            Ok(_) => tracing::debug!("tending: no node claims a partition; keeping the old map"),
+            Err(e) => tracing::debug!(error = %e, "tending: bad replicas"),
+        }
     }
 }
 
@@ -180,7 +282,7 @@ impl AerospikeShard {
     fn route(&self, key: &[u8]) -> (Rc<Pipeline<AsMsg>>, [u8; codec::DIGEST_LEN]) {
         let d = codec::digest(self.settings.set.as_bytes(), key);
         let pid = codec::partition_id(&d) as usize;
-        let owner = self.settings.owner[pid];
+        let owner = self.owner.borrow().1[pid];
         // An unclaimed partition goes to any node, which proxies it.
         let node = if owner == u16::MAX {
             pid % self.conns.len()
@@ -190,6 +292,7 @@ impl AerospikeShard {
         let per_node = &self.conns[node];
         let i = self.next_conn.get();
         self.next_conn.set(i.wrapping_add(1));
+        debug_assert!(!per_node.is_empty());
         (per_node[i % per_node.len()].clone(), d)
     }
 
@@ -414,6 +517,7 @@ pub fn open(config: &Config) -> Result<AerospikeBackend, CacheError> {
     }
     let deadline = Instant::now() + config.dial_timeout;
     let mut nodes: Vec<Node> = Vec::new();
+    let mut gens: Vec<Option<String>> = Vec::new();
     let mut owner = vec![u16::MAX; codec::PARTITIONS].into_boxed_slice();
     let mut to_visit: Vec<String> = config.aero_hosts.clone();
     let mut last_error = None;
@@ -494,6 +598,7 @@ pub fn open(config: &Config) -> Result<AerospikeBackend, CacheError> {
         }
         let index = nodes.len() as u16;
         nodes.push(Node { id, addr });
+        gens.push(value(&pairs, "partition-generation").map(str::to_owned));
         if let Some(replicas) = value(&pairs, "replicas") {
             match codec::parse_replicas_masters(replicas, &namespace) {
                 Ok(Some(masters)) => {
@@ -538,19 +643,24 @@ pub fn open(config: &Config) -> Result<AerospikeBackend, CacheError> {
             nodes.len()
         )));
     }
-    Ok(AerospikeBackend {
-        inner: Arc::new(Settings {
-            namespace,
-            set: config.aero_set.clone(),
-            bin,
-            dial_timeout: config.dial_timeout,
-            op_timeout: config.op_timeout,
-            inflight_max: INFLIGHT_MAX,
-            conns_per_node: config.aero_conns_per_node.max(1),
-            nodes,
-            owner,
-        }),
-    })
+    let inner = Arc::new(Settings {
+        namespace,
+        set: config.aero_set.clone(),
+        bin,
+        dial_timeout: config.dial_timeout,
+        op_timeout: config.op_timeout,
+        inflight_max: INFLIGHT_MAX,
+        conns_per_node: config.aero_conns_per_node.max(1),
+        nodes,
+        owner: Mutex::new(Arc::from(owner)),
+        owner_gen: AtomicU64::new(0),
+    });
+    let weak = Arc::downgrade(&inner);
+    std::thread::Builder::new()
+        .name("txgate-aero-tend".into())
+        .spawn(move || tend(weak, gens))
+        .map_err(|e| CacheError::Config(format!("starting the tending thread: {e}")))?;
+    Ok(AerospikeBackend { inner })
 }
 
 #[cfg(test)]
