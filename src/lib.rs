@@ -5,6 +5,7 @@ pub mod cache;
 pub mod clock;
 pub mod engine;
 pub mod framestore;
+pub mod gate;
 pub mod pipeline;
 pub mod route;
 pub mod tier1;
