@@ -126,6 +126,11 @@ fn bench_runs_and_writes_json_and_svg() {
     }
     assert_eq!(claims, 20_000);
     assert!(v["total"]["claims_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(
+        v["cpu"]["ns_per_claim"].as_f64().unwrap() > 0.0,
+        "CPU per claim reported"
+    );
+    assert!(out.contains("ns per claim"), "{out}");
     let plot = std::fs::read_to_string(&svg).unwrap();
     assert!(plot.starts_with("<svg") && plot.trim_end().ends_with("</svg>"));
     std::fs::remove_dir_all(&dir).ok();

@@ -74,6 +74,22 @@ pub struct BenchOutcome {
     /// Duplicates that were forwarded or novel TxIDs that were suppressed:
     /// 0 on a healthy backend.
     pub anomalies: u64,
+    /// Process CPU time (user, system) spent during the run, ns: on pinned
+    /// cores, CPU per claim is what a deployment pays.
+    pub cpu_user_ns: u64,
+    pub cpu_sys_ns: u64,
+}
+
+/// This process's (user, system) CPU time so far, ns.
+fn process_cpu_ns() -> (u64, u64) {
+    // SAFETY: `usage` is a valid, writable rusage; RUSAGE_SELF always exists.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let ns = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1000;
+    (ns(usage.ru_utime), ns(usage.ru_stime))
 }
 
 /// Most TxIDs kept for repeating; duplicates are drawn from this window.
@@ -167,6 +183,7 @@ pub fn run(engine: &Engine, backend: &str, cfg: &BenchConfig) -> Result<BenchOut
         std::thread::spawn(move || progress_line(&done, &finished, stop))
     });
     let started = Instant::now();
+    let cpu_before = process_cpu_ns();
     let cfg2 = cfg.clone();
     let done2 = done.clone();
     let per_shard = futures_lite::future::block_on(engine.on_every_shard(move |s| {
@@ -179,6 +196,7 @@ pub fn run(engine: &Engine, backend: &str, cfg: &BenchConfig) -> Result<BenchOut
     }
     let per_shard = per_shard?;
     let elapsed_ns = started.elapsed().as_nanos() as u64;
+    let cpu_after = process_cpu_ns();
     let mut verdicts = ClaimCounters::default();
     let (mut dups, mut anomalies) = (0u64, 0u64);
     let mut results = Vec::with_capacity(shards);
@@ -198,6 +216,8 @@ pub fn run(engine: &Engine, backend: &str, cfg: &BenchConfig) -> Result<BenchOut
         verdicts,
         duplicate_ratio: dups as f64 / claims as f64,
         anomalies,
+        cpu_user_ns: cpu_after.0.saturating_sub(cpu_before.0),
+        cpu_sys_ns: cpu_after.1.saturating_sub(cpu_before.1),
     })
 }
 
@@ -377,7 +397,27 @@ pub fn outcome_json(o: &BenchOutcome, cfg: &BenchConfig) -> String {
         "pending": c.pending, "backend_errors": c.backend_errors,
         "backend_timeouts": c.backend_timeouts, "anomalies": o.anomalies,
     });
+    v["cpu"] = serde_json::json!({
+        "user_ns": o.cpu_user_ns,
+        "sys_ns": o.cpu_sys_ns,
+        "ns_per_claim": cpu_ns_per_claim(o),
+    });
     serde_json::to_string_pretty(&v).expect("serializable")
+}
+
+/// User + system CPU of the whole process during the run, per claim.
+pub fn cpu_ns_per_claim(o: &BenchOutcome) -> f64 {
+    (o.cpu_user_ns + o.cpu_sys_ns) as f64 / o.verdicts.claims().max(1) as f64
+}
+
+/// One line on the CPU the run cost.
+pub fn cpu_line(o: &BenchOutcome) -> String {
+    format!(
+        "cpu: {:.0} ns per claim (user {:.2} s, sys {:.2} s over the run, all shards)",
+        cpu_ns_per_claim(o),
+        o.cpu_user_ns as f64 / 1e9,
+        o.cpu_sys_ns as f64 / 1e9
+    )
 }
 
 /// One line on what happened to the claims.

@@ -277,6 +277,7 @@ fn run_bench(cmd: &mut Command, m: &ArgMatches, store: &cache::flags::CacheFlags
     }
     print!("{}", report::render_table(&outcome.result));
     println!("{}", bench::verdict_line(&outcome));
+    println!("{}", bench::cpu_line(&outcome));
     if let Some(path) = m.get_one::<PathBuf>("json") {
         if let Err(e) = std::fs::write(path, bench::outcome_json(&outcome, &bench_cfg)) {
             return fail(&format!("writing {}: {e}", path.display()));
