@@ -19,6 +19,7 @@
 //! hot path is a `match`, not a boxed future.
 
 pub mod aerospike;
+mod blocking;
 pub mod fault;
 pub mod flags;
 pub mod memory;

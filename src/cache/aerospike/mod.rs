@@ -24,7 +24,6 @@
 pub mod codec;
 
 use std::cell::{Cell, RefCell};
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream as StdTcpStream, ToSocketAddrs};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -445,54 +444,34 @@ fn info_blocking(
     cmds: &[&str],
     deadline: Instant,
 ) -> Result<codec::InfoPairs, CacheError> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    let timed_out = || CacheError::DialTimeout {
-        addr: addr.to_owned(),
-        after_ms: 0,
-    };
-    if left.is_zero() {
-        return Err(timed_out());
-    }
-    let io = |e: std::io::Error| match e.kind() {
-        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => timed_out(),
-        _ => CacheError::Connect {
-            addr: addr.to_owned(),
-            detail: e.to_string(),
-        },
-    };
-    stream.set_read_timeout(Some(left)).map_err(io)?;
-    stream.set_write_timeout(Some(left)).map_err(io)?;
+    use super::blocking::{RoundTripError, round_trip};
     let mut out = Vec::new();
     codec::encode_info(cmds, &mut out);
-    stream.write_all(&out).map_err(io)?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    while buf.len() < 16 << 20 {
-        if Instant::now() >= deadline {
-            return Err(timed_out());
-        }
-        let n = stream.read(&mut chunk).map_err(io)?;
-        if n == 0 {
-            return Err(CacheError::Connect {
-                addr: addr.to_owned(),
-                detail: "closed the connection".into(),
-            });
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        match codec::parse_info_reply(&buf) {
-            Ok(Some((pairs, _))) => return Ok(pairs),
-            Ok(None) => {}
-            Err(e) => {
-                return Err(CacheError::Connect {
-                    addr: addr.to_owned(),
-                    detail: format!("not an Aerospike server: {e}"),
-                });
-            }
-        }
-    }
-    Err(CacheError::Connect {
+    let set_timeout = |s: &StdTcpStream, left: Duration| {
+        s.set_read_timeout(Some(left))?;
+        s.set_write_timeout(Some(left))
+    };
+    let connect = |detail: String| CacheError::Connect {
         addr: addr.to_owned(),
-        detail: "info reply too large".into(),
+        detail,
+    };
+    round_trip(
+        stream,
+        set_timeout,
+        &out,
+        deadline,
+        16 << 20,
+        codec::parse_info_reply,
+    )
+    .map_err(|e| match e {
+        RoundTripError::Timeout => CacheError::DialTimeout {
+            addr: addr.to_owned(),
+            after_ms: 0,
+        },
+        RoundTripError::Io(e) => connect(e.to_string()),
+        RoundTripError::Closed => connect("closed the connection".into()),
+        RoundTripError::Decode(e, _) => connect(format!("not an Aerospike server: {e}")),
+        RoundTripError::TooLarge => connect("info reply too large".into()),
     })
 }
 

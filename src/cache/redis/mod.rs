@@ -828,51 +828,39 @@ fn verify(s: &Settings) -> Result<(ServerInfo, Option<SlotMap>), CacheError> {
         }
     };
     let mut ask = |args: &[&[u8]]| -> Result<Reply, CacheError> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(timed_out());
-        }
-        let io = |e: std::io::Error| match e.kind() {
-            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => timed_out(),
-            _ => CacheError::Connect {
+        use super::blocking::{RoundTripError, round_trip};
+        let mut buf = Vec::new();
+        encode_command(&mut buf, args);
+        let set_timeout = |s: &VerifyStream, left: Duration| {
+            s.tcp().set_read_timeout(Some(left))?;
+            s.tcp().set_write_timeout(Some(left))
+        };
+        round_trip(
+            &mut stream,
+            set_timeout,
+            &buf,
+            deadline,
+            4 << 20,
+            decode_reply,
+        )
+        .map_err(|e| match e {
+            RoundTripError::Timeout => timed_out(),
+            RoundTripError::Io(e) => CacheError::Connect {
                 addr: addr.clone(),
                 detail: e.to_string(),
             },
-        };
-        stream.tcp().set_read_timeout(Some(left)).map_err(io)?;
-        stream.tcp().set_write_timeout(Some(left)).map_err(io)?;
-        let mut buf = Vec::new();
-        encode_command(&mut buf, args);
-        stream.write_all(&buf).map_err(io)?;
-        stream.flush().map_err(io)?;
-        let mut rbuf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        while rbuf.len() < 4 << 20 {
-            if Instant::now() >= deadline {
-                return Err(timed_out());
-            }
-            let n = stream.read(&mut chunk).map_err(io)?;
-            if n == 0 {
-                return Err(CacheError::Connect {
-                    addr: addr.clone(),
-                    detail: "closed the connection".into(),
-                });
-            }
-            rbuf.extend_from_slice(&chunk[..n]);
-            match decode_reply(&rbuf) {
-                Ok(Some((r, _))) => return Ok(r),
-                Ok(None) => {}
-                Err(_) => {
-                    return Err(CacheError::NotRedis {
-                        addr: addr.clone(),
-                        got: String::from_utf8_lossy(&rbuf[..rbuf.len().min(40)]).into_owned(),
-                    });
-                }
-            }
-        }
-        Err(CacheError::NotRedis {
-            addr: addr.clone(),
-            got: "an endless reply".into(),
+            RoundTripError::Closed => CacheError::Connect {
+                addr: addr.clone(),
+                detail: "closed the connection".into(),
+            },
+            RoundTripError::Decode(_, got) => CacheError::NotRedis {
+                addr: addr.clone(),
+                got: String::from_utf8_lossy(&got).into_owned(),
+            },
+            RoundTripError::TooLarge => CacheError::NotRedis {
+                addr: addr.clone(),
+                got: "an endless reply".into(),
+            },
         })
     };
     for cmd in handshake_commands(s, None) {
