@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use crate::cache::ShardBackend;
 use crate::clock;
+use crate::metrics::LatencyHistogram;
 use crate::tier1::{Tier1, Tier1Error};
 
 /// Longest key prefix; keys are built on the stack.
@@ -166,8 +167,9 @@ pub struct TxIdSet {
     key_prefix: Vec<u8>,
     instance_id: String,
     tier1: RefCell<Tier1>,
-    pending: RefCell<Pending>,
+    pending: Rc<RefCell<Pending>>,
     backend: RefCell<Option<Rc<ShardBackend>>>,
+    backend_latency: RefCell<LatencyHistogram>,
     claim_seq: Cell<u64>,
     counters: Cell<ClaimCounters>,
 }
@@ -202,7 +204,11 @@ impl TxIdSet {
                 config.txid_len,
                 config.ttl,
             )?),
-            pending: RefCell::new(Pending::new(config.pending_max, config.txid_len)),
+            pending: Rc::new(RefCell::new(Pending::new(
+                config.pending_max,
+                config.txid_len,
+            ))),
+            backend_latency: RefCell::new(LatencyHistogram::default()),
             backend: RefCell::new(backend),
             claim_seq: Cell::new(0),
             counters: Cell::new(ClaimCounters::default()),
@@ -247,6 +253,18 @@ impl TxIdSet {
     /// shard so all copies meet here. Panics if `txid` is not `txid_len` bytes
     /// (callers check lengths at the edge: the gate counts short packets).
     pub async fn claim(&self, txid: &[u8]) -> Verdict {
+        match self.begin(txid) {
+            Claim::Done(v) => v,
+            Claim::Novel(c) => self.finish(c).await,
+        }
+    }
+
+    /// The synchronous part of [`TxIdSet::claim`]: answers from tier-1, the
+    /// single-flight table or the pending bound, or reserves a novel claim
+    /// for [`TxIdSet::finish`]. Lets a caller answer most packets without
+    /// building a future, and own what a novel claim needs (no borrow of the
+    /// packet survives this call).
+    pub fn begin(&self, txid: &[u8]) -> Claim {
         assert_eq!(txid.len(), self.txid_len, "TxID length");
         if self
             .tier1
@@ -254,20 +272,20 @@ impl TxIdSet {
             .contains(txid, clock::coarse_ms() as u32)
         {
             self.count(|c| c.seen += 1);
-            return Verdict::Suppress(Suppress::Seen);
+            return Claim::Done(Verdict::Suppress(Suppress::Seen));
         }
         let Some(backend) = self.backend.borrow().clone() else {
             self.tier1
                 .borrow_mut()
                 .insert(txid, clock::coarse_ms() as u32);
             self.count(|c| c.won += 1);
-            return Verdict::Forward(Forward::Won);
+            return Claim::Done(Verdict::Forward(Forward::Won));
         };
         let slot = match self.pending.borrow_mut().insert(txid) {
             PendingInsert::Inserted(slot) => slot,
             PendingInsert::Present => {
                 self.count(|c| c.pending += 1);
-                return Verdict::Suppress(Suppress::Pending);
+                return Claim::Done(Verdict::Suppress(Suppress::Pending));
             }
             PendingInsert::Full => {
                 self.remember(txid);
@@ -275,25 +293,26 @@ impl TxIdSet {
                     c.fail_open += 1;
                     c.pending_full += 1;
                 });
-                return Verdict::Forward(Forward::FailOpen);
+                return Claim::Done(Verdict::Forward(Forward::FailOpen));
             }
         };
-        // Released on every exit, cancellation included.
-        let _pending = PendingGuard {
-            pending: &self.pending,
+        let mut claim = NovelClaim {
+            pending: self.pending.clone(),
             slot,
+            backend,
+            key: [0; KEY_MAX],
+            key_len: 0,
+            value: [0; VALUE_MAX],
+            value_len: 0,
         };
-
-        let mut key = [0u8; KEY_MAX];
         let key_len = self.key_prefix.len() + txid.len();
-        key[..self.key_prefix.len()].copy_from_slice(&self.key_prefix);
-        key[self.key_prefix.len()..key_len].copy_from_slice(txid);
+        claim.key[..self.key_prefix.len()].copy_from_slice(&self.key_prefix);
+        claim.key[self.key_prefix.len()..key_len].copy_from_slice(txid);
+        claim.key_len = key_len;
         let seq = self.claim_seq.get() + 1;
         self.claim_seq.set(seq);
         // `instance:shard:seq`, composed without the formatting machinery
         // (it costs more than the rest of the novel-claim path).
-        let mut value = [0u8; VALUE_MAX];
-        let mut value_len = 0;
         let mut num = itoa::Buffer::new();
         for part in [
             self.instance_id.as_bytes(),
@@ -301,17 +320,31 @@ impl TxIdSet {
             num.format(self.shard).as_bytes(),
             b":",
         ] {
-            value[value_len..value_len + part.len()].copy_from_slice(part);
-            value_len += part.len();
+            claim.push_value(part);
         }
-        let seq_text = num.format(seq).as_bytes();
-        value[value_len..value_len + seq_text.len()].copy_from_slice(seq_text);
-        value_len += seq_text.len();
+        claim.push_value(num.format(seq).as_bytes());
+        Claim::Novel(claim)
+    }
 
+    /// The backend half of a novel claim begun by [`TxIdSet::begin`] on this
+    /// set: `set_nx`, then the outcome enters tier-1.
+    pub async fn finish(&self, claim: NovelClaim) -> Verdict {
         self.count(|c| c.backend_calls += 1);
-        let outcome = backend
-            .set_nx(&key[..key_len], &value[..value_len], self.ttl)
+        let started = std::time::Instant::now();
+        let outcome = claim
+            .backend
+            .set_nx(
+                &claim.key[..claim.key_len],
+                &claim.value[..claim.value_len],
+                self.ttl,
+            )
             .await;
+        self.backend_latency.borrow_mut().record(started.elapsed());
+        let mut txid = [0u8; crate::route::TXID_LEN_MAX];
+        let txid = &mut txid[..self.txid_len];
+        txid.copy_from_slice(self.pending.borrow().key(claim.slot));
+        // Releases the single-flight slot (as would dropping it unfinished).
+        drop(claim);
         self.remember(txid);
         match outcome {
             Ok(true) => {
@@ -332,6 +365,11 @@ impl TxIdSet {
                 Verdict::Forward(Forward::FailOpen)
             }
         }
+    }
+
+    /// Latency of every `set_nx` this set issued, errors included.
+    pub fn backend_latency(&self) -> LatencyHistogram {
+        *self.backend_latency.borrow()
     }
 
     fn remember(&self, txid: &[u8]) {
@@ -411,12 +449,39 @@ impl Pending {
     }
 }
 
-struct PendingGuard<'a> {
-    pending: &'a RefCell<Pending>,
-    slot: u32,
+/// What [`TxIdSet::begin`] decided.
+// Returned by value and matched at once: moving the inline key and value
+// costs less than the allocation boxing them would add to every novel claim.
+#[allow(clippy::large_enum_variant)]
+pub enum Claim {
+    /// Answered without the backend.
+    Done(Verdict),
+    /// Novel: the backend must be asked, via [`TxIdSet::finish`].
+    Novel(NovelClaim),
 }
 
-impl Drop for PendingGuard<'_> {
+/// A reserved novel claim: owns its key, value and single-flight slot (no
+/// borrows), so it can move into a task. Dropping it unfinished releases the
+/// slot, and the TxID stays unclaimed.
+#[must_use = "finish the claim, or the TxID is neither forwarded nor remembered"]
+pub struct NovelClaim {
+    pending: Rc<RefCell<Pending>>,
+    slot: u32,
+    backend: Rc<ShardBackend>,
+    key: [u8; KEY_MAX],
+    key_len: usize,
+    value: [u8; VALUE_MAX],
+    value_len: usize,
+}
+
+impl NovelClaim {
+    fn push_value(&mut self, part: &[u8]) {
+        self.value[self.value_len..self.value_len + part.len()].copy_from_slice(part);
+        self.value_len += part.len();
+    }
+}
+
+impl Drop for NovelClaim {
     fn drop(&mut self) {
         self.pending.borrow_mut().remove(self.slot);
     }

@@ -141,7 +141,7 @@ fn slot_migration_under_claims_keeps_exactly_one_winner_per_key() {
     let mut asks_and_moves = 0;
     for e in [&a, &b] {
         let per_shard = futures_lite::future::block_on(e.on_every_shard(|s| async move {
-            match s.backend().map(|b| &**b) {
+            match s.backend().as_deref() {
                 Some(txgate::cache::ShardBackend::Redis(r)) => {
                     let d = r.redirects();
                     d.ask + d.moved

@@ -1,5 +1,5 @@
-//! The `txgate` command: `bench` (per-core claim latency) today; the UDP
-//! gate joins as `serve`.
+//! The `txgate` command: `serve` (the UDP ingress gate) and `bench`
+//! (per-core claim latency).
 //!
 //! Exit codes: 0 success, 1 runtime failure (backend unreachable, engine
 //! failed to start, file not writable), 2 usage error (bad flag or value).
@@ -12,9 +12,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::error::ErrorKind;
 use clap::{Arg, ArgMatches, Command, value_parser};
 
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+
+use txgate::admin::{Admin, Response};
 use txgate::bench::{self, BenchConfig, Stop, report};
 use txgate::cache::{self, BackendKind, register_flags};
 use txgate::engine::{Engine, EngineConfig, affinity_cores, parse_core_list};
+use txgate::gate::{Gate, GateConfig, Multicast, Steering};
 use txgate::txidset::TxIdSetConfig;
 use txgate::units::parse_duration;
 
@@ -150,8 +155,9 @@ fn parse_fraction(s: &str) -> Result<f64, String> {
     }
 }
 
-fn cli() -> (Command, cache::flags::CacheFlags) {
+fn cli() -> (Command, cache::flags::CacheFlags, cache::flags::CacheFlags) {
     let (bench, store) = bench_command();
+    let (serve, ingress) = serve_command();
     let cmd = Command::new("txgate")
         .version(env!("CARGO_PKG_VERSION"))
         .about(
@@ -165,8 +171,9 @@ fn cli() -> (Command, cache::flags::CacheFlags) {
         )
         .subcommand_required(true)
         .arg_required_else_help(true)
+        .subcommand(serve)
         .subcommand(bench);
-    (cmd, store)
+    (cmd, store, ingress)
 }
 
 fn main() -> ExitCode {
@@ -174,9 +181,13 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_max_level(tracing::Level::WARN)
         .init();
-    let (mut cmd, store) = cli();
+    let (mut cmd, store, ingress) = cli();
     let matches = cmd.get_matches_mut();
     match matches.subcommand() {
+        Some(("serve", m)) => {
+            let sub = cmd.find_subcommand_mut("serve").expect("registered");
+            run_serve(sub, m, &ingress)
+        }
         Some(("bench", m)) => {
             let sub = cmd.find_subcommand_mut("bench").expect("registered");
             run_bench(sub, m, &store)
@@ -298,10 +309,362 @@ fn fail(msg: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
+fn serve_command() -> (Command, cache::flags::CacheFlags) {
+    let arg = |name: &'static str, env: &'static str| Arg::new(name).long(name).env(env);
+    let cmd = Command::new("serve")
+        .about("Run the UDP ingress gate: one copy of each TxID forwarded, the rest dropped")
+        .long_about(
+            "Run the UDP ingress gate: datagrams in, one copy per TxID out.\n\n\
+             One socket per shard (pinned core) in an SO_REUSEPORT group; the kernel steers \
+             each datagram to its TxID's owner shard (classic BPF), or shards hand packets \
+             over. Each TxID is claimed through tier-1 and the ingress store: won or \
+             fail-open → forwarded unchanged to every --forward target; copies dropped and \
+             counted. SIGTERM/SIGINT drain in-flight claims and exit 0.",
+        )
+        .next_help_heading("Gate")
+        .arg(
+            arg("listen", "TXGATE_LISTEN")
+                .value_name("ADDR")
+                .value_parser(parse_addr)
+                .required(true)
+                .help("Address to receive datagrams on, HOST:PORT"),
+        )
+        .arg(
+            arg("forward", "TXGATE_FORWARD")
+                .value_name("ADDR[,ADDR…]")
+                .value_parser(parse_addr)
+                .value_delimiter(',')
+                .required(true)
+                .help("Where forwarded datagrams go; each goes to every target (unicast or multicast)"),
+        )
+        .arg(
+            arg("txid-offset", "TXGATE_TXID_OFFSET")
+                .value_name("BYTES")
+                .value_parser(value_parser!(u64).range(0..=65_000))
+                .default_value("0")
+                .help("Where the TxID starts in the payload"),
+        )
+        .arg(
+            arg("txid-len", "TXGATE_TXID_LEN")
+                .value_name("BYTES")
+                .value_parser(value_parser!(u64).range(1..=64))
+                .default_value("16")
+                .help("TxID length; shorter datagrams are dropped and counted"),
+        )
+        .arg(
+            arg("dedup-ttl", "TXGATE_DEDUP_TTL")
+                .value_name("DURATION")
+                .value_parser(parse_duration)
+                .default_value("60s")
+                .help("How long a claimed TxID stays claimed (tier-1 and store)"),
+        )
+        .arg(
+            arg("tier1-capacity", "TXGATE_TIER1_CAPACITY")
+                .value_name("N")
+                .value_parser(value_parser!(u64).range(1..=1_000_000_000))
+                .default_value("1048576")
+                .help("Tier-1 bound, TxIDs per shard (~37 bytes each for 16-byte TxIDs)"),
+        )
+        .arg(
+            arg("cores", "TXGATE_CORES")
+                .value_name("LIST")
+                .value_parser(parse_core_list)
+                .help("CPUs to pin shards to, one shard each, e.g. 0-3,8 (default: the affinity mask)"),
+        )
+        .arg(
+            arg("steering", "TXGATE_STEERING")
+                .value_name("MODE")
+                .value_parser(|s: &str| s.parse::<Steering>())
+                .default_value("auto")
+                .help("auto: kernel steering when the kernel takes the program, else hand-overs; cbpf: kernel steering or fail; off: hand-overs"),
+        )
+        .arg(
+            arg("fail-open-boot", "TXGATE_FAIL_OPEN_BOOT")
+                .value_name("BOOL")
+                .value_parser(value_parser!(bool))
+                .num_args(0..=1)
+                .default_missing_value("true")
+                .default_value("false")
+                .help("When the store is down at start, serve on tier-1 only, report degraded on /readyz, and switch to the store when it comes up (default: fail to start)"),
+        )
+        .arg(
+            arg("instance-id", "TXGATE_INSTANCE_ID")
+                .value_name("NAME")
+                .value_parser(parse_instance_id)
+                .help("Names this instance in stored claims (default: hostname-pid, ≤ 40 bytes)"),
+        )
+        .arg(
+            arg("key-prefix", "TXGATE_KEY_PREFIX")
+                .value_name("PREFIX")
+                .default_value("txgate:")
+                .value_parser(parse_key_prefix)
+                .help("Namespaces store keys (prefix ‖ TxID); every instance of one fleet must agree"),
+        )
+        .next_help_heading("Sockets")
+        .arg(
+            arg("batch", "TXGATE_BATCH")
+                .value_name("N")
+                .value_parser(value_parser!(u64).range(1..=1024))
+                .default_value("32")
+                .help("Datagrams per recvmmsg/sendmmsg"),
+        )
+        .arg(
+            arg("recv-buffer-bytes", "TXGATE_RECV_BUFFER_BYTES")
+                .value_name("BYTES")
+                .value_parser(value_parser!(u64).range(0..=1 << 31))
+                .default_value("4194304")
+                .help("SO_RCVBUF per shard socket (capped by net.core.rmem_max); 0 keeps the kernel default"),
+        )
+        .arg(
+            arg("multicast-ttl", "TXGATE_MULTICAST_TTL")
+                .value_name("HOPS")
+                .value_parser(value_parser!(u32).range(0..=255))
+                .default_value("1")
+                .help("TTL of forwarded multicast datagrams"),
+        )
+        .arg(
+            arg("multicast-loop", "TXGATE_MULTICAST_LOOP")
+                .value_name("BOOL")
+                .value_parser(value_parser!(bool))
+                .default_value("true")
+                .help("Whether listeners on this host get forwarded multicast datagrams"),
+        )
+        .arg(
+            arg("multicast-interface", "TXGATE_MULTICAST_INTERFACE")
+                .value_name("IPV4|INDEX")
+                .help("Outgoing interface for multicast: an IPv4 address (IPv4 targets) or an interface index (IPv6 targets)"),
+        )
+        .arg(
+            arg("spin-before-park", "TXGATE_SPIN_BEFORE_PARK")
+                .value_name("DURATION")
+                .value_parser(parse_duration)
+                .default_value("0")
+                .help("How long an idle shard polls before sleeping (e.g. 50us; 0 = sleep at once)"),
+        )
+        .next_help_heading("Admin")
+        .arg(
+            arg("admin", "TXGATE_ADMIN")
+                .value_name("ADDR|off")
+                .value_parser(parse_admin)
+                .default_value("127.0.0.1:9090")
+                .help("HTTP listener for /metrics (Prometheus), /readyz and /livez; off disables it"),
+        );
+    register_flags(cmd, "ingress-dedup-", "INGRESS_DEDUP_")
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.trim().parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    match s.trim().to_socket_addrs() {
+        Ok(mut it) => it
+            .next()
+            .ok_or_else(|| format!("'{s}' resolves to no address")),
+        Err(e) => Err(format!("'{s}' is not HOST:PORT ({e})")),
+    }
+}
+
+fn parse_admin(s: &str) -> Result<Option<SocketAddr>, String> {
+    if s.trim() == "off" {
+        Ok(None)
+    } else {
+        parse_addr(s).map(Some)
+    }
+}
+
+fn parse_instance_id(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > txgate::txidset::INSTANCE_ID_MAX {
+        Err(format!(
+            "'{s}' must be 1..={} bytes",
+            txgate::txidset::INSTANCE_ID_MAX
+        ))
+    } else {
+        Ok(s.to_owned())
+    }
+}
+
+fn parse_key_prefix(s: &str) -> Result<String, String> {
+    if s.len() > txgate::txidset::KEY_PREFIX_MAX {
+        Err(format!(
+            "'{s}' is longer than {} bytes",
+            txgate::txidset::KEY_PREFIX_MAX
+        ))
+    } else {
+        Ok(s.to_owned())
+    }
+}
+
+/// Blocks SIGTERM and SIGINT in this thread (and every thread it starts
+/// afterwards), so [`wait_for_stop_signal`] can take them synchronously.
+fn block_stop_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; the calls only read and write `set`
+    // and this thread's signal mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_for_stop_signal(set: &libc::sigset_t) -> i32 {
+    let mut sig = 0;
+    // SAFETY: `set` is initialised and blocked in every thread; sigwait
+    // writes the signal number into `sig`.
+    unsafe { libc::sigwait(set, &mut sig) };
+    sig
+}
+
+fn run_serve(cmd: &mut Command, m: &ArgMatches, ingress: &cache::flags::CacheFlags) -> ExitCode {
+    let signals = block_stop_signals();
+    let store = match ingress.config(m) {
+        Ok(c) => c,
+        Err(e) => cmd.error(ErrorKind::ValueValidation, e.to_string()).exit(),
+    };
+    let forward: Vec<SocketAddr> = m
+        .get_many::<SocketAddr>("forward")
+        .expect("required")
+        .copied()
+        .collect();
+    let mut multicast = Multicast {
+        ttl: *m.get_one::<u32>("multicast-ttl").expect("default"),
+        loopback: *m.get_one::<bool>("multicast-loop").expect("default"),
+        ..Multicast::default()
+    };
+    if let Some(ifc) = m.get_one::<String>("multicast-interface") {
+        if let Ok(v4) = ifc.parse() {
+            multicast.interface_v4 = Some(v4);
+        } else if let Ok(index) = ifc.parse() {
+            multicast.interface_v6 = Some(index);
+        } else {
+            cmd.error(
+                ErrorKind::ValueValidation,
+                format!("--multicast-interface: '{ifc}' is neither an IPv4 address nor an interface index"),
+            )
+            .exit();
+        }
+    }
+    let listen = *m.get_one::<SocketAddr>("listen").expect("required");
+    let mut config = GateConfig::new(listen, forward.clone());
+    config.txid_offset = *m.get_one::<u64>("txid-offset").expect("default") as usize;
+    config.steering = *m.get_one::<Steering>("steering").expect("default");
+    config.batch = *m.get_one::<u64>("batch").expect("default") as usize;
+    config.recv_buffer_bytes = *m.get_one::<u64>("recv-buffer-bytes").expect("default") as usize;
+    config.multicast = multicast;
+    config.fail_open_boot = *m.get_one::<bool>("fail-open-boot").expect("default");
+    config.engine.cores = m
+        .get_one::<Vec<usize>>("cores")
+        .cloned()
+        .unwrap_or_default();
+    config.engine.spin_before_park = *m.get_one::<Duration>("spin-before-park").expect("default");
+    config.engine.txidset = TxIdSetConfig {
+        txid_len: *m.get_one::<u64>("txid-len").expect("default") as usize,
+        tier1_capacity: *m.get_one::<u64>("tier1-capacity").expect("default") as usize,
+        ttl: *m.get_one::<Duration>("dedup-ttl").expect("default"),
+        key_prefix: m
+            .get_one::<String>("key-prefix")
+            .expect("default")
+            .clone()
+            .into_bytes(),
+        instance_id: m
+            .get_one::<String>("instance-id")
+            .cloned()
+            .unwrap_or_else(txgate::txidset::default_instance_id),
+        ..TxIdSetConfig::default()
+    };
+    if config.engine.txidset.ttl.is_zero() {
+        cmd.error(
+            ErrorKind::ValueValidation,
+            "--dedup-ttl must be greater than zero",
+        )
+        .exit();
+    }
+    let store_kind = store.backend;
+    config.store = store;
+    let gate = match Gate::start(config) {
+        Ok(g) => Arc::new(g),
+        Err(e) => return fail(&format!("serve: {e}")),
+    };
+    let admin = match m.get_one::<Option<SocketAddr>>("admin").expect("default") {
+        Some(addr) => {
+            let g = gate.clone();
+            let handler = Arc::new(move |path: &str| match path {
+                "/metrics" => Response {
+                    status: 200,
+                    content_type: "text/plain; version=0.0.4; charset=utf-8",
+                    body: g.render_metrics(),
+                },
+                "/readyz" => {
+                    let (ready, why) = g.readiness();
+                    Response::text(if ready { 200 } else { 503 }, why + "\n")
+                }
+                "/livez" => Response::text(200, "ok\n"),
+                _ => Response::text(404, "not found: try /metrics, /readyz or /livez\n"),
+            });
+            match Admin::start(*addr, handler) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    return fail(&format!("serve: binding the admin listener on {addr}: {e}"));
+                }
+            }
+        }
+        None => None,
+    };
+    eprintln!(
+        "txgate serve: listening on {} with {} shards, steering {}, {} store {}, forwarding to {}{}",
+        gate.local_addr(),
+        gate.shards(),
+        if gate.steering_active() {
+            "by the kernel (cBPF)"
+        } else {
+            "by hand-over"
+        },
+        store_kind,
+        if gate.store_connected() {
+            "connected"
+        } else {
+            "unreachable (tier-1 only until it is)"
+        },
+        forward
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+        admin.as_ref().map_or(String::new(), |a| format!(
+            ", admin on http://{}",
+            a.local_addr()
+        )),
+    );
+    let sig = wait_for_stop_signal(&signals);
+    eprintln!("txgate serve: signal {sig}: draining");
+    drop(admin);
+    let Ok(gate) = Arc::try_unwrap(gate) else {
+        return fail("serve: the gate is still shared at shutdown");
+    };
+    let summary = gate.shutdown();
+    println!("{}", summary.json());
+    ExitCode::SUCCESS
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
     fn cli_is_well_formed() {
         super::cli().0.debug_assert();
+    }
+
+    #[test]
+    fn forward_lists_resolve_and_refuse_garbage() {
+        let v = super::parse_addr("127.0.0.1:9").unwrap();
+        assert_eq!(v.port(), 9);
+        assert!(super::parse_addr("localhost:9").is_ok());
+        assert!(
+            super::parse_addr("127.0.0.1")
+                .unwrap_err()
+                .contains("HOST:PORT")
+        );
+        assert!(super::parse_admin("off").unwrap().is_none());
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod cores;
 
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -144,9 +145,9 @@ pub struct Shard {
     index: usize,
     core: usize,
     shards: usize,
-    backend: Option<Rc<ShardBackend>>,
+    backend: RefCell<Option<Rc<ShardBackend>>>,
     /// Whether the backend is split by shard, so ops must run on the owner.
-    partitioned: bool,
+    partitioned: Cell<bool>,
     txids: TxIdSet,
     frames: Option<FrameStore>,
     peers: Vec<flume::Sender<Msg>>,
@@ -174,8 +175,22 @@ impl Shard {
     }
 
     /// This shard's backend, `None` when running on tier-1 only.
-    pub fn backend(&self) -> Option<&Rc<ShardBackend>> {
-        self.backend.as_ref()
+    pub fn backend(&self) -> Option<Rc<ShardBackend>> {
+        self.backend.borrow().clone()
+    }
+
+    /// Connects this shard to `backend` and makes it the store of its TxID
+    /// set: how a fail-open boot upgrades once the store is reachable.
+    /// Claims in flight finish on the previous one. The frame store stays as
+    /// the engine started (none, when it started without a backend).
+    pub async fn install_backend(&self, backend: &Backend) -> Result<(), EngineError> {
+        let b = Rc::new(backend.connect_shard(self.index, self.shards).await?);
+        self.partitioned.set(backend.partitioned_by_shard());
+        self.txids.set_backend(Some(b.clone()));
+        if let Some(old) = self.backend.replace(Some(b)) {
+            old.close();
+        }
+        Ok(())
     }
 
     /// This shard's TxID set (owned TxIDs only).
@@ -207,7 +222,7 @@ impl Shard {
     /// partitioned by shard (memory), this shard for a shared store.
     pub async fn op(self: &Rc<Self>, route_key: &[u8], op: Op) -> Result<Reply, EngineError> {
         let owner = self.owner(route_key);
-        if owner == self.index || !self.partitioned {
+        if owner == self.index || !self.partitioned.get() {
             return self.op_here(op).await;
         }
         submit(&self.peers[owner], owner, move |s| async move {
@@ -217,7 +232,7 @@ impl Shard {
     }
 
     async fn op_here(&self, op: Op) -> Result<Reply, EngineError> {
-        let b = self.backend.as_ref().ok_or(CacheError::Config(
+        let b = self.backend().ok_or(CacheError::Config(
             "no backend: the engine runs on tier-1 only".into(),
         ))?;
         Ok(match op {
@@ -513,11 +528,13 @@ async fn run_shard(
             index,
             core,
             shards,
-            partitioned: config
-                .backend
-                .as_ref()
-                .is_some_and(Backend::partitioned_by_shard),
-            backend,
+            partitioned: Cell::new(
+                config
+                    .backend
+                    .as_ref()
+                    .is_some_and(Backend::partitioned_by_shard),
+            ),
+            backend: RefCell::new(backend),
             txids,
             frames,
             peers,
@@ -543,7 +560,7 @@ async fn run_shard(
         loop {
             glommio::timer::sleep(MAINTENANCE_INTERVAL).await;
             upkeep.txids.sweep(TIER1_SWEEP_BUDGET);
-            if let Some(b) = &upkeep.backend {
+            if let Some(b) = upkeep.backend() {
                 b.maintain();
             }
         }
@@ -581,7 +598,7 @@ async fn run_shard(
         let _ = glommio::timer::timeout(unwind, jobs.acquire(jobs_max)).await;
     }
     drop(upkeep);
-    if let Some(b) = &shard.backend {
+    if let Some(b) = shard.backend() {
         b.close();
     }
 }

@@ -1,4 +1,809 @@
-//! The UDP ingress gate (work in progress): so far the kernel steering
-//! that puts each datagram on its TxID's owner shard.
+//! The UDP ingress gate: datagrams in, one copy per TxID out.
+//!
+//! Each shard owns one socket of an `SO_REUSEPORT` group. With kernel
+//! steering (see [`steering`]) every datagram arrives on its TxID's owner
+//! shard; without it, the receiving shard hands it to the owner over a
+//! bounded channel (a hop, counted). The owner claims the TxID through its
+//! TxID set: won or fail-open → forwarded unchanged to every `--forward`
+//! target; seen, lost or pending → dropped, counted by reason.
+//!
+//! The hot loop reads with `recvmmsg` and forwards with `sendmmsg`, a batch
+//! per syscall. Claims answered without I/O (tier-1, memory backend) finish
+//! inside the batch; a claim that waits on the store becomes a task that
+//! forwards its own copy when the verdict comes.
 
+mod shard;
 pub mod steering;
+pub mod udp;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::cache::{self, Backend, BackendKind, CacheError};
+use crate::engine::{Engine, EngineConfig, EngineError, affinity_cores};
+use crate::metrics::{LatencyHistogram, family};
+use crate::txidset::ClaimCounters;
+
+use shard::{ShardIo, ShardPlan};
+
+/// How datagrams reach their owner shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Steering {
+    /// The kernel program when it attaches, else hops (with a warning).
+    Auto,
+    /// The kernel program or fail to start.
+    Cbpf,
+    /// Hops only.
+    Off,
+}
+
+impl std::str::FromStr for Steering {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cbpf" => Ok(Self::Cbpf),
+            "off" => Ok(Self::Off),
+            _ => Err(format!("'{s}' is not a steering mode: auto, cbpf or off")),
+        }
+    }
+}
+
+/// Socket options for multicast forward targets.
+#[derive(Debug, Clone)]
+pub struct Multicast {
+    /// Hops a multicast datagram may take (IP_MULTICAST_TTL / HOPS).
+    pub ttl: u32,
+    /// Whether this host's own listeners get a copy (IP_MULTICAST_LOOP).
+    pub loopback: bool,
+    /// Outgoing interface: an IPv4 address, or an IPv6 interface index.
+    pub interface_v4: Option<Ipv4Addr>,
+    pub interface_v6: Option<u32>,
+}
+
+impl Default for Multicast {
+    fn default() -> Self {
+        Self {
+            ttl: 1,
+            loopback: true,
+            interface_v4: None,
+            interface_v6: None,
+        }
+    }
+}
+
+/// How a gate is built.
+#[derive(Debug, Clone)]
+pub struct GateConfig {
+    /// Where datagrams arrive (one socket per shard, same address).
+    pub listen: SocketAddr,
+    /// Every forwarded datagram goes to each of these.
+    pub forward: Vec<SocketAddr>,
+    /// Where the TxID sits in the payload.
+    pub txid_offset: usize,
+    pub steering: Steering,
+    /// Datagrams per `recvmmsg`.
+    pub batch: usize,
+    /// SO_RCVBUF per shard socket; 0 keeps the kernel default.
+    pub recv_buffer_bytes: usize,
+    pub multicast: Multicast,
+    /// Shards, TxID set (TxID length, TTL, tier-1) and runtime knobs; its
+    /// `backend` is ignored: the gate opens `store`.
+    pub engine: EngineConfig,
+    /// The shared store.
+    pub store: cache::Config,
+    /// Start on tier-1 only when the store is down, and switch to it when it
+    /// comes up; otherwise an unreachable store fails start-up.
+    pub fail_open_boot: bool,
+    /// How often a fail-open boot retries the store.
+    pub backend_retry: Duration,
+    /// Hops queued per shard before senders wait.
+    pub hop_capacity: usize,
+}
+
+impl GateConfig {
+    /// A gate on `listen` forwarding to `forward`, defaults elsewhere.
+    pub fn new(listen: SocketAddr, forward: Vec<SocketAddr>) -> Self {
+        Self {
+            listen,
+            forward,
+            txid_offset: 0,
+            steering: Steering::Auto,
+            batch: 32,
+            recv_buffer_bytes: 4 << 20,
+            multicast: Multicast::default(),
+            engine: EngineConfig::default(),
+            store: cache::Config::default(),
+            fail_open_boot: false,
+            backend_retry: Duration::from_secs(1),
+            hop_capacity: 4096,
+        }
+    }
+}
+
+/// Why a gate could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GateError {
+    #[error("no --forward target")]
+    NoForward,
+    #[error("batch size must be 1..=1024, got {0}")]
+    Batch(usize),
+    #[error("reading the CPU affinity mask: {0}")]
+    Affinity(std::io::Error),
+    #[error(transparent)]
+    Steering(#[from] steering::SteeringError),
+    #[error("socket setup for {what}: {source}")]
+    Socket {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "the {kind} store is unreachable: {source} (with --fail-open-boot the gate starts on tier-1 only and connects when it can)"
+    )]
+    Store {
+        kind: BackendKind,
+        source: CacheError,
+    },
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// One shard's figures as last published (at most ~100 ms old).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ShardSnapshot {
+    pub received: u64,
+    /// Datagrams with a forward verdict (won or fail-open).
+    pub forwarded: u64,
+    /// Sends that failed, per target.
+    pub forward_errors: u64,
+    /// Too short to hold a TxID: dropped.
+    pub short: u64,
+    /// Handed to another shard (sent) and taken from one (received).
+    pub hops_out: u64,
+    pub hops_in: u64,
+    pub recv_errors: u64,
+    pub claims: ClaimCounters,
+    pub tier1_entries: u64,
+    /// From receipt to verdict.
+    pub claim_latency: LatencyHistogram,
+    /// Backend `set_nx` round trips.
+    pub backend_latency: LatencyHistogram,
+}
+
+/// Totals over shards, and how the drain went.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GateSummary {
+    pub total: ShardSnapshot,
+    /// Claims still waiting on the store when the drain gave up on them.
+    pub abandoned: u64,
+    pub drain: Duration,
+}
+
+impl GateSummary {
+    /// One JSON line for scripts.
+    pub fn json(&self) -> String {
+        let t = &self.total;
+        serde_json::json!({
+            "received": t.received,
+            "forwarded": t.forwarded,
+            "suppressed": t.claims.seen + t.claims.lost + t.claims.pending,
+            "seen": t.claims.seen,
+            "lost": t.claims.lost,
+            "pending": t.claims.pending,
+            "fail_open": t.claims.fail_open,
+            "backend_errors": t.claims.backend_errors,
+            "short": t.short,
+            "hops": t.hops_out,
+            "forward_errors": t.forward_errors,
+            "abandoned": self.abandoned,
+            "drain_ms": self.drain.as_millis() as u64,
+        })
+        .to_string()
+    }
+}
+
+fn add(a: &mut ShardSnapshot, b: &ShardSnapshot) {
+    a.received += b.received;
+    a.forwarded += b.forwarded;
+    a.forward_errors += b.forward_errors;
+    a.short += b.short;
+    a.hops_out += b.hops_out;
+    a.hops_in += b.hops_in;
+    a.recv_errors += b.recv_errors;
+    a.claims.add(&b.claims);
+    a.tier1_entries += b.tier1_entries;
+    a.claim_latency.merge(&b.claim_latency);
+    a.backend_latency.merge(&b.backend_latency);
+}
+
+/// What a shard's serving job reports when it ends.
+struct ShardEnd {
+    snapshot: ShardSnapshot,
+    abandoned: u64,
+}
+
+/// A running gate. Stop it with [`Gate::shutdown`].
+pub struct Gate {
+    /// `None` once stopped.
+    engine: Option<Arc<Engine>>,
+    local_addr: SocketAddr,
+    steering_active: bool,
+    store_kind: BackendKind,
+    stats: Vec<Arc<Mutex<ShardSnapshot>>>,
+    stops: Vec<flume::Sender<()>>,
+    serving: Option<JoinHandle<Result<Vec<ShardEnd>, EngineError>>>,
+    /// False while a fail-open boot waits for the store.
+    connected: Arc<AtomicBool>,
+    upgrader: Option<(flume::Sender<()>, JoinHandle<()>)>,
+    started: Instant,
+}
+
+impl Gate {
+    /// Binds the sockets, attaches steering, opens the store (or starts
+    /// degraded, with `fail_open_boot`), starts the shards and serves.
+    pub fn start(config: GateConfig) -> Result<Gate, GateError> {
+        if config.forward.is_empty() {
+            return Err(GateError::NoForward);
+        }
+        if !(1..=1024).contains(&config.batch) {
+            return Err(GateError::Batch(config.batch));
+        }
+        let mut engine_cfg = config.engine.clone();
+        if engine_cfg.cores.is_empty() {
+            engine_cfg.cores = affinity_cores().map_err(GateError::Affinity)?;
+        }
+        let shards = engine_cfg.cores.len().max(1);
+        let txid_len = engine_cfg.txidset.txid_len;
+        crate::route::bpf_program(config.txid_offset, txid_len, shards as u32, 0)
+            .map_err(steering::SteeringError::from)?;
+
+        let sockets = steering::reuseport_group(config.listen, shards)?;
+        let local_addr = sockets[0]
+            .local_addr()
+            .map_err(|source| GateError::Socket {
+                what: "the listen address".into(),
+                source,
+            })?;
+        for (i, s) in sockets.iter().enumerate() {
+            let sock = socket2::SockRef::from(s);
+            if config.recv_buffer_bytes > 0 {
+                // Best effort: the kernel caps it at net.core.rmem_max.
+                let _ = sock.set_recv_buffer_size(config.recv_buffer_bytes);
+            }
+            sock.set_nonblocking(true)
+                .map_err(|source| GateError::Socket {
+                    what: format!("shard {i}'s listen socket"),
+                    source,
+                })?;
+        }
+        let steering_active = match (config.steering, shards) {
+            (_, 1) | (Steering::Off, _) => false,
+            (mode, _) => match steering::attach_route_program(
+                &sockets[0],
+                config.txid_offset,
+                txid_len,
+                shards as u32,
+                0,
+            ) {
+                Ok(()) => true,
+                Err(e) if mode == Steering::Auto => {
+                    tracing::warn!(
+                        "kernel steering unavailable, shards hand packets over instead: {e}"
+                    );
+                    false
+                }
+                Err(e) => return Err(e.into()),
+            },
+        };
+
+        let store_kind = config.store.backend;
+        let (backend, connected) = match cache::open(&config.store) {
+            Ok(b) => (b, true),
+            Err(e)
+                if config.fail_open_boot
+                    && matches!(store_kind, BackendKind::Redis | BackendKind::Aerospike) =>
+            {
+                tracing::warn!(
+                    "the {store_kind} store is unreachable ({e}); serving on tier-1 only until it is"
+                );
+                (None, false)
+            }
+            Err(source) => {
+                return Err(GateError::Store {
+                    kind: store_kind,
+                    source,
+                });
+            }
+        };
+        engine_cfg.backend = backend;
+        let engine = Arc::new(Engine::start(engine_cfg)?);
+
+        let mut io = Vec::with_capacity(shards);
+        let (hop_txs, hop_rxs): (Vec<_>, Vec<_>) = (0..shards)
+            .map(|_| flume::bounded::<Box<[u8]>>(config.hop_capacity.max(1)))
+            .unzip();
+        let mut stops = Vec::with_capacity(shards);
+        let mut stats = Vec::with_capacity(shards);
+        for (i, (listen, hop_rx)) in sockets.into_iter().zip(hop_rxs).enumerate() {
+            let (stop_tx, stop_rx) = flume::bounded(1);
+            stops.push(stop_tx);
+            let snapshot = Arc::new(Mutex::new(ShardSnapshot::default()));
+            stats.push(snapshot.clone());
+            io.push(Some(ShardIo {
+                listen,
+                targets: forward_sockets(i, &config.forward, &config.multicast)?,
+                hop_rx,
+                hop_txs: hop_txs.clone(),
+                stop: stop_rx,
+                stats: snapshot,
+            }));
+        }
+        drop(hop_txs);
+        let plan = Arc::new(ShardPlan {
+            txid_offset: config.txid_offset,
+            txid_len,
+            batch: config.batch,
+            drain_timeout: config.store.op_timeout + Duration::from_millis(200),
+        });
+        let io = Arc::new(Mutex::new(io));
+        let serving = {
+            let engine = engine.clone();
+            std::thread::Builder::new()
+                .name("txgate-gate".into())
+                .spawn(move || {
+                    futures_lite::future::block_on(engine.on_every_shard(move |s| {
+                        let io = io.lock().expect("not poisoned")[s.index()].take();
+                        let plan = plan.clone();
+                        async move {
+                            match io {
+                                Some(io) => shard::serve(s, io, plan).await,
+                                None => ShardEnd {
+                                    snapshot: ShardSnapshot::default(),
+                                    abandoned: 0,
+                                },
+                            }
+                        }
+                    }))
+                })
+                .map_err(|source| GateError::Socket {
+                    what: "the gate thread".into(),
+                    source,
+                })?
+        };
+
+        let connected = Arc::new(AtomicBool::new(connected));
+        let upgrader = (!connected.load(Ordering::Relaxed)).then(|| {
+            let (tx, rx) = flume::bounded::<()>(1);
+            let (engine, connected, store, every) = (
+                engine.clone(),
+                connected.clone(),
+                config.store.clone(),
+                config.backend_retry.max(Duration::from_millis(10)),
+            );
+            let h = std::thread::Builder::new()
+                .name("txgate-upgrade".into())
+                .spawn(move || upgrade_when_reachable(&engine, &store, every, &rx, &connected))
+                .expect("spawning a thread");
+            (tx, h)
+        });
+
+        Ok(Gate {
+            engine: Some(engine),
+            local_addr,
+            steering_active,
+            store_kind,
+            stats,
+            stops,
+            serving: Some(serving),
+            connected,
+            upgrader,
+            started: Instant::now(),
+        })
+    }
+
+    /// The address the shards listen on (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Whether the kernel steers datagrams to their owner shards.
+    pub fn steering_active(&self) -> bool {
+        self.steering_active
+    }
+
+    /// Shards serving.
+    pub fn shards(&self) -> usize {
+        self.stats.len()
+    }
+
+    /// Whether the gate claims through its store (false while a fail-open
+    /// boot is still waiting for it).
+    pub fn store_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Each shard's last published figures.
+    pub fn snapshots(&self) -> Vec<ShardSnapshot> {
+        self.stats
+            .iter()
+            .map(|s| *s.lock().expect("not poisoned"))
+            .collect()
+    }
+
+    /// `/readyz`: ready when the store answers its health probe (or there is
+    /// no remote store); degraded while a fail-open boot waits for it.
+    pub fn readiness(&self) -> (bool, String) {
+        if !self.store_connected() {
+            return (
+                false,
+                format!(
+                    "degraded: the {} store is unreachable; serving on tier-1 only (fail-open boot)",
+                    self.store_kind
+                ),
+            );
+        }
+        let Some(engine) = &self.engine else {
+            return (false, "stopped".into());
+        };
+        let probe = engine.run_on(0, |s| async move {
+            match s.backend() {
+                Some(b) => b.healthy().await,
+                None => true,
+            }
+        });
+        match futures_lite::future::block_on(probe) {
+            Ok(true) => (true, "ready".into()),
+            Ok(false) => (
+                false,
+                format!(
+                    "not ready: the {} store fails its health check; claims fail open",
+                    self.store_kind
+                ),
+            ),
+            Err(e) => (false, format!("not ready: {e}")),
+        }
+    }
+
+    /// `/metrics` in the Prometheus text format.
+    pub fn render_metrics(&self) -> String {
+        render_metrics(
+            &self.snapshots(),
+            self.store_connected(),
+            self.steering_active,
+            self.started.elapsed(),
+        )
+    }
+
+    /// Stops receiving, lets in-flight claims finish (bounded by the op
+    /// timeout), then stops the shards. Returns the totals.
+    pub fn shutdown(mut self) -> GateSummary {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> GateSummary {
+        let began = Instant::now();
+        if let Some((tx, h)) = self.upgrader.take() {
+            drop(tx);
+            let _ = h.join();
+        }
+        for s in &self.stops {
+            let _ = s.try_send(());
+        }
+        let mut summary = GateSummary::default();
+        if let Some(h) = self.serving.take() {
+            match h.join() {
+                Ok(Ok(ends)) => {
+                    for e in ends {
+                        add(&mut summary.total, &e.snapshot);
+                        summary.abandoned += e.abandoned;
+                    }
+                }
+                Ok(Err(e)) => tracing::warn!("gate shards ended with an error: {e}"),
+                Err(_) => tracing::warn!("the gate thread panicked"),
+            }
+        }
+        if summary.total.received == 0 {
+            for s in self.snapshots() {
+                add(&mut summary.total, &s);
+            }
+        }
+        summary.drain = began.elapsed();
+        if let Some(engine) = self.engine.take()
+            && let Ok(engine) = Arc::try_unwrap(engine)
+            && let Err(e) = engine.shutdown()
+        {
+            tracing::warn!("engine shutdown: {e}");
+        }
+        summary
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        if self.engine.is_some() {
+            self.stop();
+        }
+    }
+}
+
+/// Retries the store until it opens, then installs it on every shard.
+fn upgrade_when_reachable(
+    engine: &Engine,
+    store: &cache::Config,
+    every: Duration,
+    stop: &flume::Receiver<()>,
+    connected: &AtomicBool,
+) {
+    loop {
+        if !matches!(
+            stop.recv_timeout(every),
+            Err(flume::RecvTimeoutError::Timeout)
+        ) {
+            return;
+        }
+        let backend: Backend = match cache::open(store) {
+            Ok(Some(b)) => b,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!("store still unreachable: {e}");
+                continue;
+            }
+        };
+        let installed = futures_lite::future::block_on(engine.on_every_shard(move |s| {
+            let b = backend.clone();
+            async move { s.install_backend(&b).await.map_err(|e| e.to_string()) }
+        }));
+        match installed {
+            Ok(r) if r.iter().all(Result::is_ok) => {
+                connected.store(true, Ordering::Relaxed);
+                tracing::warn!(
+                    "the {} store is reachable: claims now go through it",
+                    store.backend
+                );
+                return;
+            }
+            Ok(r) => {
+                let e = r.into_iter().find_map(Result::err).unwrap_or_default();
+                tracing::warn!("connecting shards to the store: {e}; retrying");
+            }
+            Err(e) => {
+                tracing::warn!("connecting shards to the store: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// Shard `shard`'s sending sockets: one per address family in use, with the
+/// multicast options set; blocking with a short send timeout, so a full send
+/// buffer costs a bounded wait and then a counted error.
+fn forward_sockets(
+    shard: usize,
+    forward: &[SocketAddr],
+    mc: &Multicast,
+) -> Result<Vec<(UdpSocket, socket2::SockAddr)>, GateError> {
+    let err = |what: &str, source| GateError::Socket {
+        what: format!("shard {shard}'s forward socket ({what})"),
+        source,
+    };
+    let mut v4: Option<UdpSocket> = None;
+    let mut v6: Option<UdpSocket> = None;
+    let mut out = Vec::with_capacity(forward.len());
+    for to in forward {
+        let slot = if to.is_ipv4() { &mut v4 } else { &mut v6 };
+        if slot.is_none() {
+            let domain = Domain::for_address(*to);
+            let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))
+                .map_err(|e| err("create", e))?;
+            let any: SocketAddr = if to.is_ipv4() {
+                (IpAddr::from(Ipv4Addr::UNSPECIFIED), 0).into()
+            } else {
+                (IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED), 0).into()
+            };
+            s.bind(&any.into()).map_err(|e| err("bind", e))?;
+            s.set_write_timeout(Some(Duration::from_millis(10)))
+                .map_err(|e| err("send timeout", e))?;
+            if to.is_ipv4() {
+                s.set_multicast_ttl_v4(mc.ttl)
+                    .map_err(|e| err("IP_MULTICAST_TTL", e))?;
+                s.set_multicast_loop_v4(mc.loopback)
+                    .map_err(|e| err("IP_MULTICAST_LOOP", e))?;
+                if let Some(ifa) = mc.interface_v4 {
+                    s.set_multicast_if_v4(&ifa)
+                        .map_err(|e| err("IP_MULTICAST_IF", e))?;
+                }
+            } else {
+                s.set_multicast_hops_v6(mc.ttl)
+                    .map_err(|e| err("IPV6_MULTICAST_HOPS", e))?;
+                s.set_multicast_loop_v6(mc.loopback)
+                    .map_err(|e| err("IPV6_MULTICAST_LOOP", e))?;
+                if let Some(ifi) = mc.interface_v6 {
+                    s.set_multicast_if_v6(ifi)
+                        .map_err(|e| err("IPV6_MULTICAST_IF", e))?;
+                }
+            }
+            *slot = Some(s.into());
+        }
+        let sock = slot
+            .as_ref()
+            .expect("just set")
+            .try_clone()
+            .map_err(|e| err("dup", e))?;
+        out.push((sock, socket2::SockAddr::from(*to)));
+    }
+    Ok(out)
+}
+
+/// Renders per-shard snapshots as Prometheus text.
+pub fn render_metrics(
+    shards: &[ShardSnapshot],
+    store_connected: bool,
+    steering_active: bool,
+    uptime: Duration,
+) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(4096 + shards.len() * 4096);
+    let counter =
+        |out: &mut String, name: &str, help: &str, get: &dyn Fn(&ShardSnapshot) -> u64| {
+            family(out, name, "counter", help);
+            for (i, s) in shards.iter().enumerate() {
+                let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", get(s));
+            }
+        };
+    counter(
+        &mut out,
+        "txgate_gate_received_total",
+        "Datagrams read from the shard's socket.",
+        &|s| s.received,
+    );
+    counter(
+        &mut out,
+        "txgate_gate_forwarded_total",
+        "Datagrams with a forward verdict (won or fail-open), sent to every target.",
+        &|s| s.forwarded,
+    );
+    family(
+        &mut out,
+        "txgate_gate_suppressed_total",
+        "counter",
+        "Datagrams dropped as copies, by reason: seen (tier-1), lost (another claimant), pending (a claim in flight).",
+    );
+    for (i, s) in shards.iter().enumerate() {
+        for (reason, n) in [
+            ("seen", s.claims.seen),
+            ("lost", s.claims.lost),
+            ("pending", s.claims.pending),
+        ] {
+            let _ = writeln!(
+                out,
+                "txgate_gate_suppressed_total{{shard=\"{i}\",reason=\"{reason}\"}} {n}"
+            );
+        }
+    }
+    counter(
+        &mut out,
+        "txgate_gate_fail_open_total",
+        "Datagrams forwarded because the store failed, timed out or too many claims were pending.",
+        &|s| s.claims.fail_open,
+    );
+    counter(
+        &mut out,
+        "txgate_gate_short_total",
+        "Datagrams too short to hold a TxID: dropped.",
+        &|s| s.short,
+    );
+    counter(
+        &mut out,
+        "txgate_gate_hops_total",
+        "Datagrams this shard received for another shard and handed over (0 with kernel steering).",
+        &|s| s.hops_out,
+    );
+    counter(
+        &mut out,
+        "txgate_gate_hops_received_total",
+        "Datagrams handed to this shard by another.",
+        &|s| s.hops_in,
+    );
+    counter(
+        &mut out,
+        "txgate_gate_forward_errors_total",
+        "Sends to a forward target that failed.",
+        &|s| s.forward_errors,
+    );
+    counter(
+        &mut out,
+        "txgate_gate_receive_errors_total",
+        "Socket read errors.",
+        &|s| s.recv_errors,
+    );
+    counter(
+        &mut out,
+        "txgate_backend_calls_total",
+        "set_nx calls issued to the store.",
+        &|s| s.claims.backend_calls,
+    );
+    counter(
+        &mut out,
+        "txgate_backend_errors_total",
+        "Store errors, timeouts included (each claim failed open).",
+        &|s| s.claims.backend_errors,
+    );
+    counter(
+        &mut out,
+        "txgate_backend_timeouts_total",
+        "Store ops that timed out.",
+        &|s| s.claims.backend_timeouts,
+    );
+    counter(
+        &mut out,
+        "txgate_pending_full_total",
+        "Novel claims failed open because too many were in flight.",
+        &|s| s.claims.pending_full,
+    );
+    family(
+        &mut out,
+        "txgate_tier1_entries",
+        "gauge",
+        "TxIDs held in tier-1.",
+    );
+    for (i, s) in shards.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "txgate_tier1_entries{{shard=\"{i}\"}} {}",
+            s.tier1_entries
+        );
+    }
+    family(
+        &mut out,
+        "txgate_claim_duration_seconds",
+        "histogram",
+        "From a datagram's receipt to its verdict.",
+    );
+    for (i, s) in shards.iter().enumerate() {
+        s.claim_latency.render(
+            &mut out,
+            "txgate_claim_duration_seconds",
+            &format!("shard=\"{i}\""),
+        );
+    }
+    family(
+        &mut out,
+        "txgate_backend_op_duration_seconds",
+        "histogram",
+        "Store set_nx round trips, errors included.",
+    );
+    for (i, s) in shards.iter().enumerate() {
+        s.backend_latency.render(
+            &mut out,
+            "txgate_backend_op_duration_seconds",
+            &format!("shard=\"{i}\""),
+        );
+    }
+    family(
+        &mut out,
+        "txgate_store_connected",
+        "gauge",
+        "1 when claims go through the store; 0 while a fail-open boot waits for it.",
+    );
+    let _ = writeln!(out, "txgate_store_connected {}", store_connected as u8);
+    family(
+        &mut out,
+        "txgate_steering_active",
+        "gauge",
+        "1 when the kernel steers datagrams to their owner shard.",
+    );
+    let _ = writeln!(out, "txgate_steering_active {}", steering_active as u8);
+    family(
+        &mut out,
+        "txgate_uptime_seconds",
+        "gauge",
+        "Seconds since the gate started.",
+    );
+    let _ = writeln!(out, "txgate_uptime_seconds {}", uptime.as_secs_f64());
+    out
+}

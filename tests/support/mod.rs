@@ -5,6 +5,7 @@ pub mod aerospike;
 pub mod contract;
 pub mod proxy;
 pub mod redis;
+pub mod udp;
 
 use std::time::Duration;
 

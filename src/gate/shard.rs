@@ -1,0 +1,344 @@
+//! One shard's gate loop: read a batch, claim each TxID, forward the
+//! winners, repeat; hand packets owned elsewhere to their shard; drain on
+//! stop.
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::net::UdpSocket;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_lite::FutureExt;
+
+use super::udp::{RecvBatch, SendBatch};
+use super::{ShardEnd, ShardSnapshot};
+use crate::engine::Shard;
+use crate::metrics::LatencyHistogram;
+use crate::route::route;
+use crate::txidset::{Claim, Verdict};
+
+/// What every shard runs with.
+pub(super) struct ShardPlan {
+    pub txid_offset: usize,
+    pub txid_len: usize,
+    pub batch: usize,
+    /// How long a stopping shard waits for claims in flight.
+    pub drain_timeout: Duration,
+}
+
+/// One shard's sockets and channels, built on the main thread.
+pub(super) struct ShardIo {
+    pub listen: UdpSocket,
+    pub targets: Vec<(UdpSocket, socket2::SockAddr)>,
+    pub hop_rx: flume::Receiver<Box<[u8]>>,
+    pub hop_txs: Vec<flume::Sender<Box<[u8]>>>,
+    pub stop: flume::Receiver<()>,
+    pub stats: Arc<Mutex<ShardSnapshot>>,
+}
+
+/// Counters only this shard writes.
+#[derive(Default, Clone, Copy)]
+struct Counters {
+    received: u64,
+    forwarded: u64,
+    forward_errors: u64,
+    short: u64,
+    hops_out: u64,
+    hops_in: u64,
+    recv_errors: u64,
+}
+
+struct GateShard {
+    shard: Rc<Shard>,
+    plan: Arc<ShardPlan>,
+    shards: u32,
+    targets: Vec<(UdpSocket, socket2::SockAddr)>,
+    /// Emptied when the shard stops reading, so owners' hop loops can end.
+    hop_txs: RefCell<Vec<flume::Sender<Box<[u8]>>>>,
+    counters: Cell<Counters>,
+    claim_latency: RefCell<LatencyHistogram>,
+    /// Claims waiting on the store, each a task holding its datagram.
+    inflight: Cell<u64>,
+    stats: Arc<Mutex<ShardSnapshot>>,
+}
+
+const PUBLISH_EVERY: Duration = Duration::from_millis(100);
+/// Longest a busy loop runs before letting the shard poll for I/O. glommio
+/// polls completions (store replies, hand-overs, timers) only when its task
+/// queue runs dry or its 100 ms preempt timer fires; a loop that always has
+/// packets never runs dry, so it steps aside this often.
+const REACTOR_EVERY: Duration = Duration::from_micros(100);
+
+/// Lets the shard's reactor run: a timer that is due almost at once leaves
+/// no task runnable, so glommio polls I/O before resuming us.
+async fn step_aside() {
+    glommio::timer::sleep(Duration::from_micros(1)).await;
+}
+
+/// Serves until the stop signal, then drains. Runs as a job on its shard.
+pub(super) async fn serve(shard: Rc<Shard>, io: ShardIo, plan: Arc<ShardPlan>) -> ShardEnd {
+    // SAFETY: the descriptor comes from a socket we own and give up here.
+    let listen = unsafe { glommio::net::UdpSocket::from_raw_fd(io.listen.into_raw_fd()) };
+    let g = Rc::new(GateShard {
+        shards: shard.shards() as u32,
+        shard,
+        plan,
+        targets: io.targets,
+        hop_txs: RefCell::new(io.hop_txs),
+        counters: Cell::new(Counters::default()),
+        claim_latency: RefCell::new(LatencyHistogram::default()),
+        inflight: Cell::new(0),
+        stats: io.stats,
+    });
+    let hops = glommio::spawn_local(hop_loop(g.clone(), io.hop_rx));
+    let publisher = {
+        let g = g.clone();
+        glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(PUBLISH_EVERY).await;
+                g.publish();
+            }
+        })
+    };
+
+    g.recv_loop(&listen, &io.stop).await;
+
+    // Drain: no more reads here; once every shard has stopped reading, the
+    // hop channels close and the hop loops finish what was handed over.
+    g.hop_txs.borrow_mut().clear();
+    let deadline = Instant::now() + g.plan.drain_timeout;
+    let left = deadline.saturating_duration_since(Instant::now());
+    let _ = glommio::timer::timeout(left, async {
+        hops.await;
+        Ok(())
+    })
+    .await;
+    while g.inflight.get() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
+    drop(publisher);
+    g.publish();
+    let snapshot = *g.stats.lock().expect("not poisoned");
+    ShardEnd {
+        snapshot,
+        abandoned: g.inflight.get(),
+    }
+}
+
+/// Handed-over datagrams, claimed here in batches.
+async fn hop_loop(g: Rc<GateShard>, rx: flume::Receiver<Box<[u8]>>) {
+    let mut pkts: Vec<Box<[u8]>> = Vec::with_capacity(g.plan.batch);
+    let mut out = SendBatch::with_capacity(g.plan.batch);
+    let mut reactor_at = Instant::now();
+    while let Ok(first) = rx.recv_async().await {
+        pkts.push(first);
+        while pkts.len() < g.plan.batch {
+            match rx.try_recv() {
+                Ok(p) => pkts.push(p),
+                Err(_) => break,
+            }
+        }
+        let t0 = Instant::now();
+        if t0.duration_since(reactor_at) >= REACTOR_EVERY {
+            step_aside().await;
+            reactor_at = Instant::now();
+        }
+        let mut answered = 0;
+        for p in &pkts {
+            g.count(|c| c.hops_in += 1);
+            let txid = &p[g.plan.txid_offset..g.plan.txid_offset + g.plan.txid_len];
+            answered += g.claim(p, txid, &mut out, t0).await as u64;
+        }
+        g.claim_latency
+            .borrow_mut()
+            .record_n(t0.elapsed().as_nanos() as u64, answered);
+        g.flush(&mut out);
+        pkts.clear();
+    }
+}
+
+impl GateShard {
+    fn count(&self, f: impl FnOnce(&mut Counters)) {
+        let mut c = self.counters.get();
+        f(&mut c);
+        self.counters.set(c);
+    }
+
+    async fn recv_loop(
+        self: &Rc<Self>,
+        listen: &glommio::net::UdpSocket,
+        stop: &flume::Receiver<()>,
+    ) {
+        let fd = listen.as_raw_fd();
+        let mut batch = RecvBatch::new(self.plan.batch);
+        let mut out = SendBatch::with_capacity(self.plan.batch);
+        let end = self.plan.txid_offset + self.plan.txid_len;
+        let me = self.shard.index() as u32;
+        let mut reactor_at = Instant::now();
+        loop {
+            if !matches!(stop.try_recv(), Err(flume::TryRecvError::Empty)) {
+                return;
+            }
+            let n = match batch.recv(fd) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.count(|c| c.recv_errors += 1);
+                    tracing::debug!(shard = me, "receive: {e}");
+                    glommio::timer::sleep(Duration::from_millis(1)).await;
+                    continue;
+                }
+            };
+            if n == 0 {
+                if !wait_readable(listen, stop).await {
+                    return;
+                }
+                reactor_at = Instant::now();
+                continue;
+            }
+            let t0 = Instant::now();
+            let mut answered = 0;
+            for i in 0..n {
+                let pkt = batch.get(i);
+                if pkt.len() < end {
+                    self.count(|c| {
+                        c.received += 1;
+                        c.short += 1;
+                    });
+                    continue;
+                }
+                self.count(|c| c.received += 1);
+                let txid = &pkt[self.plan.txid_offset..end];
+                if self.shards > 1 {
+                    let owner = route(txid, self.shards);
+                    if owner != me {
+                        self.hop(owner as usize, pkt).await;
+                        continue;
+                    }
+                }
+                answered += self.claim(pkt, txid, &mut out, t0).await as u64;
+            }
+            self.claim_latency
+                .borrow_mut()
+                .record_n(t0.elapsed().as_nanos() as u64, answered);
+            self.flush(&mut out);
+            if t0.duration_since(reactor_at) >= REACTOR_EVERY {
+                step_aside().await;
+                reactor_at = Instant::now();
+            }
+        }
+    }
+
+    /// Hands `pkt` to its owner; waits while the owner's channel is full
+    /// (back-pressure onto this socket), never drops it.
+    async fn hop(&self, owner: usize, pkt: &[u8]) {
+        let tx = self.hop_txs.borrow().get(owner).cloned();
+        if let Some(tx) = tx
+            && tx.send_async(Box::from(pkt)).await.is_ok()
+        {
+            self.count(|c| c.hops_out += 1);
+        }
+    }
+
+    /// Claims one datagram. Answered now: queued on `out` if forwarded,
+    /// returns true. Waiting on the store: becomes a task with its own copy
+    /// of the datagram, returns false.
+    async fn claim(
+        self: &Rc<Self>,
+        pkt: &[u8],
+        txid: &[u8],
+        out: &mut SendBatch,
+        t0: Instant,
+    ) -> bool {
+        let novel = match self.shard.txids().begin(txid) {
+            Claim::Done(v) => {
+                self.verdict(v, pkt, out);
+                return true;
+            }
+            Claim::Novel(c) => c,
+        };
+        let shard = self.shard.clone();
+        let mut wait: Pin<Box<dyn Future<Output = Verdict>>> =
+            Box::pin(async move { shard.txids().finish(novel).await });
+        if let Some(v) = futures_lite::future::poll_once(wait.as_mut()).await {
+            self.verdict(v, pkt, out);
+            return true;
+        }
+        let (g, copy) = (self.clone(), Box::<[u8]>::from(pkt));
+        self.inflight.set(self.inflight.get() + 1);
+        glommio::spawn_local(async move {
+            let v = wait.await;
+            let mut one = SendBatch::with_capacity(1);
+            g.verdict(v, &copy, &mut one);
+            g.flush(&mut one);
+            g.claim_latency.borrow_mut().record(t0.elapsed());
+            g.inflight.set(g.inflight.get() - 1);
+        })
+        .detach();
+        false
+    }
+
+    #[inline]
+    fn verdict(&self, v: Verdict, pkt: &[u8], out: &mut SendBatch) {
+        if v.is_forward() {
+            out.push(pkt);
+            self.count(|c| c.forwarded += 1);
+        }
+    }
+
+    /// Sends what `out` holds to every target, then empties it.
+    fn flush(&self, out: &mut SendBatch) {
+        if out.is_empty() {
+            return;
+        }
+        for (sock, to) in &self.targets {
+            let (sent, err) = out.send_to(sock.as_raw_fd(), to);
+            if let Some(e) = err {
+                let failed = (out.len() - sent) as u64;
+                self.count(|c| c.forward_errors += failed);
+                tracing::debug!("forward to {:?}: {e}", to.as_socket());
+            }
+        }
+        out.clear();
+    }
+
+    /// Copies this shard's figures where the admin thread reads them.
+    fn publish(&self) {
+        let c = self.counters.get();
+        let txids = self.shard.txids();
+        let snap = ShardSnapshot {
+            received: c.received,
+            forwarded: c.forwarded,
+            forward_errors: c.forward_errors,
+            short: c.short,
+            hops_out: c.hops_out,
+            hops_in: c.hops_in,
+            recv_errors: c.recv_errors,
+            claims: txids.counters(),
+            tier1_entries: txids.tier1_len() as u64,
+            claim_latency: *self.claim_latency.borrow(),
+            backend_latency: txids.backend_latency(),
+        };
+        *self.stats.lock().expect("not poisoned") = snap;
+    }
+}
+
+/// Waits until a datagram is queued (a 1-byte peek, which leaves it there)
+/// or the stop signal; false on stop.
+async fn wait_readable(listen: &glommio::net::UdpSocket, stop: &flume::Receiver<()>) -> bool {
+    let readable = async {
+        let mut byte = [0u8; 1];
+        if let Err(e) = listen.peek_from(&mut byte).await {
+            tracing::debug!("waiting for datagrams: {e}");
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
+        true
+    };
+    let stopped = async {
+        let _ = stop.recv_async().await;
+        false
+    };
+    readable.or(stopped).await
+}

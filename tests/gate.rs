@@ -1,0 +1,286 @@
+//! The UDP gate on loopback with real sockets: duplicates suppressed and
+//! novel TxIDs forwarded unchanged, short datagrams counted, kernel steering
+//! (every datagram on the shard `route` names, 0 hops) and hand-overs
+//! without it, two instances sharing a real redis-server, and a fail-open
+//! boot that upgrades when redis-server starts.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use support::redis::RedisServer;
+use support::udp::{Sink, datagram, send_paced};
+use support::{cores, txid, wait_for};
+use txgate::cache::{self, BackendKind};
+use txgate::gate::{Gate, GateConfig, ShardSnapshot, Steering};
+use txgate::route::route;
+
+fn config(shards: usize, sink: &Sink) -> GateConfig {
+    let mut c = GateConfig::new("127.0.0.1:0".parse().unwrap(), vec![sink.addr()]);
+    c.engine.cores = cores(shards);
+    c.engine.txidset.tier1_capacity = 100_000;
+    c.engine.txidset.instance_id = "gate-test".into();
+    c.store.backend = BackendKind::Memory;
+    c
+}
+
+fn redis_store(addr: &str) -> cache::Config {
+    cache::Config {
+        backend: BackendKind::Redis,
+        redis_addr: Some(addr.to_owned()),
+        op_timeout: Duration::from_millis(500),
+        dial_timeout: Duration::from_millis(500),
+        ..cache::Config::default()
+    }
+}
+
+/// Sums once every shard has published at least `received` datagrams.
+fn totals_after(gate: &Gate, received: u64) -> ShardSnapshot {
+    let mut total = ShardSnapshot::default();
+    wait_for("the gate's counters", Duration::from_secs(10), || {
+        let snaps = gate.snapshots();
+        let got: u64 = snaps.iter().map(|s| s.received).sum();
+        let answered: u64 = snaps
+            .iter()
+            .map(|s| s.claims.claims() + s.short + s.hops_out)
+            .sum();
+        let hops_in: u64 = snaps.iter().map(|s| s.hops_in).sum();
+        let hops_out: u64 = snaps.iter().map(|s| s.hops_out).sum();
+        if got >= received && answered >= received && hops_in == hops_out {
+            total = snaps.iter().fold(ShardSnapshot::default(), |mut t, s| {
+                t.received += s.received;
+                t.forwarded += s.forwarded;
+                t.short += s.short;
+                t.hops_out += s.hops_out;
+                t.hops_in += s.hops_in;
+                t.claims.add(&s.claims);
+                t
+            });
+            true
+        } else {
+            false
+        }
+    });
+    total
+}
+
+#[test]
+fn forwards_each_txid_once_unchanged_and_drops_the_copies() {
+    let sink = Sink::start();
+    let mut c = config(2, &sink);
+    c.txid_offset = 4;
+    let gate = Gate::start(c).unwrap();
+    let n = 2_000u64;
+    let mut packets = Vec::new();
+    for copy in 0..3u8 {
+        for i in 0..n {
+            // Copies differ after the TxID: the first one seen is forwarded.
+            packets.push(datagram(&txid(i), 4, &[b'c', copy, (i % 251) as u8]));
+        }
+    }
+    send_paced(gate.local_addr(), &packets, 200);
+    let got = sink.wait_for(
+        n as usize,
+        Duration::from_secs(20),
+        Duration::from_millis(300),
+    );
+    assert_eq!(got.len(), n as usize, "exactly one copy per TxID");
+    let mut seen = std::collections::HashSet::new();
+    for p in &got {
+        assert_eq!(p.len(), 4 + 16 + 3);
+        assert!(p[..4].iter().all(|&b| b == 0xEE), "forwarded unchanged");
+        assert!(seen.insert(p[4..20].to_vec()), "TxID forwarded twice");
+        assert_eq!(p[20], b'c');
+        let i = u64::from_be_bytes(p[12..20].try_into().unwrap());
+        assert_eq!(p[22], (i % 251) as u8, "payload of its own TxID");
+    }
+    let t = totals_after(&gate, 3 * n);
+    assert_eq!(t.received, 3 * n);
+    assert_eq!(t.forwarded, n);
+    assert_eq!(t.claims.won, n);
+    assert_eq!(t.claims.seen + t.claims.pending + t.claims.lost, 2 * n);
+    let summary = gate.shutdown();
+    assert_eq!(summary.total.forwarded, n);
+    assert_eq!(summary.abandoned, 0);
+}
+
+#[test]
+fn short_datagrams_are_counted_and_dropped() {
+    let sink = Sink::start();
+    let mut c = config(2, &sink);
+    c.txid_offset = 8;
+    let gate = Gate::start(c).unwrap();
+    let mut packets: Vec<Vec<u8>> = (0..23usize).map(|len| vec![7u8; len]).collect();
+    packets.push(datagram(&txid(1), 8, b""));
+    send_paced(gate.local_addr(), &packets, 50);
+    let got = sink.wait_for(1, Duration::from_secs(10), Duration::from_millis(200));
+    assert_eq!(got.len(), 1, "only the datagram holding a whole TxID");
+    assert_eq!(got[0].len(), 24);
+    let t = totals_after(&gate, 24);
+    assert_eq!(t.short, 23);
+    assert_eq!(t.forwarded, 1);
+    let text = gate.render_metrics();
+    let short: u64 = text
+        .lines()
+        .filter(|l| l.starts_with("txgate_gate_short_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(short, 23, "{text}");
+}
+
+#[test]
+fn kernel_steering_puts_every_datagram_on_its_owner_shard() {
+    let sink = Sink::start();
+    let mut c = config(2, &sink);
+    c.steering = Steering::Cbpf;
+    let gate = Gate::start(c).unwrap();
+    assert!(gate.steering_active());
+    let n = 3_000u64;
+    let packets: Vec<Vec<u8>> = (0..n).map(|i| datagram(&txid(i), 0, b"x")).collect();
+    let mut want: HashMap<u32, u64> = HashMap::new();
+    for i in 0..n {
+        *want.entry(route(&txid(i), 2)).or_default() += 1;
+    }
+    send_paced(gate.local_addr(), &packets, 200);
+    sink.wait_for(
+        n as usize,
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+    );
+    totals_after(&gate, n);
+    let snaps = gate.snapshots();
+    for (shard, s) in snaps.iter().enumerate() {
+        assert_eq!(s.hops_out, 0, "shard {shard} handed packets over");
+        assert_eq!(
+            s.received,
+            want[&(shard as u32)],
+            "shard {shard} received what route() names"
+        );
+    }
+}
+
+#[test]
+fn without_steering_shards_hand_packets_to_their_owner() {
+    let sink = Sink::start();
+    let mut c = config(2, &sink);
+    c.steering = Steering::Off;
+    let gate = Gate::start(c).unwrap();
+    assert!(!gate.steering_active());
+    let n = 3_000u64;
+    let packets: Vec<Vec<u8>> = (0..2 * n)
+        .map(|i| datagram(&txid(i % n), 0, b"y"))
+        .collect();
+    // Several sources, so the kernel's own hash spreads them over both shards.
+    std::thread::scope(|s| {
+        for part in packets.chunks(packets.len() / 4) {
+            let to = gate.local_addr();
+            s.spawn(move || send_paced(to, part, 100));
+        }
+    });
+    let got = sink.wait_for(
+        n as usize,
+        Duration::from_secs(20),
+        Duration::from_millis(300),
+    );
+    assert_eq!(got.len(), n as usize);
+    let t = totals_after(&gate, 2 * n);
+    assert!(t.hops_out > 0, "no hand-overs: {t:?}");
+    assert_eq!(t.hops_out, t.hops_in);
+    assert_eq!(t.forwarded, n);
+    assert_eq!(
+        t.claims.claims(),
+        2 * n,
+        "every datagram claimed on one shard"
+    );
+}
+
+#[test]
+fn two_instances_sharing_redis_forward_each_txid_once() {
+    let redis = RedisServer::start();
+    let sink = Sink::start();
+    let mut gates = Vec::new();
+    for name in ["a", "b"] {
+        let mut c = config(1, &sink);
+        c.store = redis_store(&redis.addr());
+        c.engine.txidset.instance_id = format!("gate-{name}");
+        gates.push(Gate::start(c).unwrap());
+    }
+    let n = 1_000u64;
+    let packets: Vec<Vec<u8>> = (0..n).map(|i| datagram(&txid(i), 0, b"r")).collect();
+    std::thread::scope(|s| {
+        for g in &gates {
+            let (to, p) = (g.local_addr(), &packets);
+            s.spawn(move || send_paced(to, p, 100));
+        }
+    });
+    let got = sink.wait_for(
+        n as usize,
+        Duration::from_secs(20),
+        Duration::from_millis(500),
+    );
+    assert_eq!(got.len(), n as usize, "each TxID once over both instances");
+    let a = totals_after(&gates[0], n);
+    let b = totals_after(&gates[1], n);
+    assert_eq!(a.forwarded + b.forwarded, n);
+    assert_eq!(a.claims.fail_open + b.claims.fail_open, 0);
+    assert_eq!(
+        a.claims.lost + b.claims.lost,
+        n,
+        "the other instance lost each race"
+    );
+}
+
+#[test]
+fn fail_open_boot_serves_tier1_then_switches_to_redis_when_it_starts() {
+    let redis = RedisServer::start();
+    let addr = redis.addr();
+    redis.kill9();
+    let sink = Sink::start();
+
+    let mut c = config(2, &sink);
+    c.store = redis_store(&addr);
+    // Without the flag: a specific error, nothing served.
+    let err = Gate::start(c.clone()).err().expect("fails closed");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("redis store is unreachable") && msg.contains("--fail-open-boot"),
+        "{msg}"
+    );
+
+    c.fail_open_boot = true;
+    c.backend_retry = Duration::from_millis(100);
+    let gate = Gate::start(c).unwrap();
+    assert!(!gate.store_connected());
+    let (ready, why) = gate.readiness();
+    assert!(!ready && why.starts_with("degraded"), "{why}");
+    let first: Vec<Vec<u8>> = (0..200u64)
+        .flat_map(|i| [datagram(&txid(i), 0, b"1"), datagram(&txid(i), 0, b"2")])
+        .collect();
+    send_paced(gate.local_addr(), &first, 100);
+    sink.wait_for(200, Duration::from_secs(10), Duration::from_millis(200));
+    assert_eq!(
+        sink.count(),
+        200,
+        "tier-1 alone dedups within this instance"
+    );
+
+    redis.restart();
+    wait_for(
+        "the gate to connect to redis",
+        Duration::from_secs(10),
+        || gate.store_connected(),
+    );
+    let (ready, why) = gate.readiness();
+    assert!(ready, "{why}");
+    let second: Vec<Vec<u8>> = (1_000..1_200u64)
+        .map(|i| datagram(&txid(i), 0, b"3"))
+        .collect();
+    send_paced(gate.local_addr(), &second, 100);
+    sink.wait_for(400, Duration::from_secs(10), Duration::from_millis(200));
+    let t = totals_after(&gate, 600);
+    assert_eq!(t.claims.backend_calls, 200, "new TxIDs claimed in redis");
+    assert_eq!(t.claims.fail_open, 0);
+    let keys = redis.cmd(&["DBSIZE"]);
+    assert!(matches!(keys, support::redis::Resp::Int(200)), "{keys:?}");
+}
