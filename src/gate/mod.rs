@@ -167,6 +167,9 @@ pub struct ShardSnapshot {
     pub hops_out: u64,
     pub hops_in: u64,
     pub recv_errors: u64,
+    /// Forwarded without a verdict: still waiting on the store when a drain
+    /// ran out of time (fail-open).
+    pub drain_forwarded: u64,
     pub claims: ClaimCounters,
     pub tier1_entries: u64,
     /// From receipt to verdict.
@@ -179,7 +182,8 @@ pub struct ShardSnapshot {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GateSummary {
     pub total: ShardSnapshot,
-    /// Claims still waiting on the store when the drain gave up on them.
+    /// Claims that had not finished even after the drain forwarded their
+    /// datagrams (0 unless a shard is wedged).
     pub abandoned: u64,
     pub drain: Duration,
 }
@@ -195,7 +199,8 @@ impl GateSummary {
             "seen": t.claims.seen,
             "lost": t.claims.lost,
             "pending": t.claims.pending,
-            "fail_open": t.claims.fail_open,
+            "fail_open": t.claims.fail_open + t.drain_forwarded,
+            "drain_forwarded": t.drain_forwarded,
             "backend_errors": t.claims.backend_errors,
             "short": t.short,
             "hops": t.hops_out,
@@ -215,6 +220,7 @@ fn add(a: &mut ShardSnapshot, b: &ShardSnapshot) {
     a.hops_out += b.hops_out;
     a.hops_in += b.hops_in;
     a.recv_errors += b.recv_errors;
+    a.drain_forwarded += b.drain_forwarded;
     a.claims.add(&b.claims);
     a.tier1_entries += b.tier1_entries;
     a.claim_latency.merge(&b.claim_latency);
@@ -688,8 +694,8 @@ pub fn render_metrics(
     counter(
         &mut out,
         "txgate_gate_fail_open_total",
-        "Datagrams forwarded because the store failed, timed out or too many claims were pending.",
-        &|s| s.claims.fail_open,
+        "Datagrams forwarded because the store failed, timed out or too many claims were pending, or because a drain ran out of time.",
+        &|s| s.claims.fail_open + s.drain_forwarded,
     );
     counter(
         &mut out,

@@ -49,6 +49,7 @@ struct Counters {
     hops_out: u64,
     hops_in: u64,
     recv_errors: u64,
+    drain_forwarded: u64,
 }
 
 struct GateShard {
@@ -62,6 +63,9 @@ struct GateShard {
     claim_latency: RefCell<LatencyHistogram>,
     /// Claims waiting on the store, each a task holding its datagram.
     inflight: Cell<u64>,
+    /// Closed when a drain runs out of time: claims still waiting then
+    /// forward their datagram (fail-open) instead of being dropped.
+    give_up: Rc<glommio::sync::Semaphore>,
     stats: Arc<Mutex<ShardSnapshot>>,
 }
 
@@ -91,6 +95,7 @@ pub(super) async fn serve(shard: Rc<Shard>, io: ShardIo, plan: Arc<ShardPlan>) -
         counters: Cell::new(Counters::default()),
         claim_latency: RefCell::new(LatencyHistogram::default()),
         inflight: Cell::new(0),
+        give_up: Rc::new(glommio::sync::Semaphore::new(0)),
         stats: io.stats,
     });
     let hops = glommio::spawn_local(hop_loop(g.clone(), io.hop_rx));
@@ -117,6 +122,13 @@ pub(super) async fn serve(shard: Rc<Shard>, io: ShardIo, plan: Arc<ShardPlan>) -
     })
     .await;
     while g.inflight.get() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
+    // A claim can outlast one op timeout (Redis retries an ambiguous
+    // failure once): forward what is still waiting rather than drop it.
+    g.give_up.close();
+    let unwind = Instant::now() + Duration::from_millis(100);
+    while g.inflight.get() > 0 && Instant::now() < unwind {
         glommio::timer::sleep(Duration::from_millis(1)).await;
     }
     drop(publisher);
@@ -269,9 +281,22 @@ impl GateShard {
         let (g, copy) = (self.clone(), Box::<[u8]>::from(pkt));
         self.inflight.set(self.inflight.get() + 1);
         glommio::spawn_local(async move {
-            let v = wait.await;
+            let give_up = async {
+                let _ = g.give_up.acquire(1).await;
+                None
+            };
+            let v = async { Some(wait.await) }.or(give_up).await;
             let mut one = SendBatch::with_capacity(1);
-            g.verdict(v, &copy, &mut one);
+            match v {
+                Some(v) => g.verdict(v, &copy, &mut one),
+                None => {
+                    one.push(&copy);
+                    g.count(|c| {
+                        c.forwarded += 1;
+                        c.drain_forwarded += 1;
+                    });
+                }
+            }
             g.flush(&mut one);
             g.claim_latency.borrow_mut().record(t0.elapsed());
             g.inflight.set(g.inflight.get() - 1);
@@ -316,6 +341,7 @@ impl GateShard {
             hops_out: c.hops_out,
             hops_in: c.hops_in,
             recv_errors: c.recv_errors,
+            drain_forwarded: c.drain_forwarded,
             claims: txids.counters(),
             tier1_entries: txids.tier1_len() as u64,
             claim_latency: *self.claim_latency.borrow(),

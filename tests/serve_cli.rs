@@ -1,0 +1,367 @@
+//! `txgate serve` as a process: usage errors exit 2 naming the flag, an
+//! unreachable store fails closed (exit 1), the admin endpoints answer, and
+//! SIGTERM drains in-flight claims — even against a frozen redis-server —
+//! then exits 0 with a JSON summary, within one second plus the op timeout.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use support::redis::RedisServer;
+use support::udp::{Sink, datagram, send_paced};
+use support::{cores, txid};
+
+fn txgate() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_txgate"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TXGATE_") || k.starts_with("INGRESS_DEDUP_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+fn usage_error(args: &[&str], flag: &str) {
+    let o = txgate().args(args).output().expect("txgate runs");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+    assert!(
+        err.contains(flag),
+        "{args:?}: error does not name {flag}: {err}"
+    );
+}
+
+#[test]
+fn bad_flags_exit_2_naming_the_flag() {
+    let base = [
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--forward",
+        "127.0.0.1:9",
+    ];
+    let with = |extra: &[&'static str]| -> Vec<&'static str> {
+        base.iter().copied().chain(extra.iter().copied()).collect()
+    };
+    usage_error(&["serve", "--listen", "127.0.0.1:0"], "--forward");
+    usage_error(&["serve", "--forward", "127.0.0.1:9"], "--listen");
+    usage_error(&with(&["--steering", "sideways"]), "--steering");
+    usage_error(&with(&["--txid-len", "0"]), "--txid-len");
+    usage_error(&with(&["--txid-len", "65"]), "--txid-len");
+    usage_error(&with(&["--dedup-ttl", "soon"]), "--dedup-ttl");
+    usage_error(&with(&["--cores", "1-0"]), "--cores");
+    usage_error(&with(&["--admin", "nowhere"]), "--admin");
+    usage_error(
+        &with(&["--ingress-dedup-backend", "sqlite"]),
+        "--ingress-dedup-backend",
+    );
+    usage_error(
+        &with(&["--ingress-dedup-op-timeout", "fast"]),
+        "--ingress-dedup-op-timeout",
+    );
+    usage_error(
+        &with(&["--ingress-dedup-backend", "redis"]),
+        "--ingress-dedup-redis-addr",
+    );
+    usage_error(
+        &with(&["--multicast-interface", "eth0"]),
+        "--multicast-interface",
+    );
+    usage_error(
+        &["serve", "--listen", "127.0.0.1:0", "--forward", "127.0.0.1"],
+        "--forward",
+    );
+    // Env twins are checked the same way.
+    let o = txgate()
+        .args(base)
+        .env("TXGATE_STEERING", "sideways")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--steering"));
+    let o = txgate()
+        .args(base)
+        .env("INGRESS_DEDUP_BACKEND", "sqlite")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--ingress-dedup-backend"));
+}
+
+#[test]
+fn help_names_every_serve_flag_and_its_env_twin() {
+    let o = txgate().args(["serve", "--help"]).output().unwrap();
+    assert!(o.status.success());
+    let help = String::from_utf8_lossy(&o.stdout);
+    for (flag, env) in [
+        ("--listen", "TXGATE_LISTEN"),
+        ("--forward", "TXGATE_FORWARD"),
+        ("--txid-offset", "TXGATE_TXID_OFFSET"),
+        ("--txid-len", "TXGATE_TXID_LEN"),
+        ("--dedup-ttl", "TXGATE_DEDUP_TTL"),
+        ("--tier1-capacity", "TXGATE_TIER1_CAPACITY"),
+        ("--cores", "TXGATE_CORES"),
+        ("--steering", "TXGATE_STEERING"),
+        ("--fail-open-boot", "TXGATE_FAIL_OPEN_BOOT"),
+        ("--admin", "TXGATE_ADMIN"),
+        ("--multicast-ttl", "TXGATE_MULTICAST_TTL"),
+        ("--ingress-dedup-backend", "INGRESS_DEDUP_BACKEND"),
+        ("--ingress-dedup-redis-addr", "INGRESS_DEDUP_REDIS_ADDR"),
+        ("--ingress-dedup-op-timeout", "INGRESS_DEDUP_OP_TIMEOUT"),
+    ] {
+        assert!(help.contains(flag), "help lacks {flag}");
+        assert!(help.contains(env), "help lacks {env}");
+    }
+}
+
+#[test]
+fn an_unreachable_store_fails_closed_with_a_clear_error() {
+    let redis = RedisServer::start();
+    let addr = redis.addr();
+    redis.kill9();
+    let o = txgate()
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--forward",
+            "127.0.0.1:9",
+        ])
+        .args(["--admin", "off", "--ingress-dedup-backend", "redis"])
+        .args(["--ingress-dedup-redis-addr", &addr])
+        .args(["--ingress-dedup-dial-timeout", "300ms"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("unreachable") && err.contains("--fail-open-boot"),
+        "{err}"
+    );
+}
+
+/// A running `txgate serve` whose start-up line has been read.
+struct Serve {
+    child: Child,
+    listen: SocketAddr,
+    admin: Option<SocketAddr>,
+    stdout: mpsc::Receiver<String>,
+}
+
+impl Serve {
+    fn start(args: &[&str]) -> Serve {
+        let mut child = txgate()
+            .arg("serve")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("serve: {line}");
+                let _ = tx.send(line);
+            }
+        });
+        let line = loop {
+            let l = rx
+                .recv_timeout(Duration::from_secs(15))
+                .expect("txgate serve printed its start-up line");
+            if l.contains("listening on") {
+                break l;
+            }
+        };
+        let after = |key: &str| -> Option<SocketAddr> {
+            let rest = &line[line.find(key)? + key.len()..];
+            let end = rest.find([' ', ',']).unwrap_or(rest.len());
+            rest[..end].parse().ok()
+        };
+        let (otx, orx) = mpsc::channel();
+        let mut stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stdout.read_to_string(&mut s);
+            let _ = otx.send(s);
+        });
+        Serve {
+            listen: after("listening on ").expect("listen address"),
+            admin: after("admin on http://"),
+            child,
+            stdout: orx,
+        }
+    }
+
+    /// SIGTERM, then the exit status, stdout and how long the exit took.
+    fn terminate(mut self) -> (Option<i32>, String, Duration) {
+        let began = Instant::now();
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = began + Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("txgate serve did not exit within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let took = began.elapsed();
+        let out = self
+            .stdout
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap_or_default();
+        (status.code(), out, took)
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(c, "GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let mut s = String::new();
+    c.read_to_string(&mut s).unwrap();
+    let status = s[9..12].parse().unwrap();
+    let body = s
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_owned();
+    (status, body)
+}
+
+fn metric_sum(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+fn summary_field(json: &str, field: &str) -> u64 {
+    let line = json
+        .lines()
+        .last()
+        .unwrap_or_else(|| panic!("no summary: {json:?}"));
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    v[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{field} in {line}"))
+}
+
+#[test]
+fn admin_endpoints_answer_and_sigterm_exits_0_with_a_summary() {
+    let sink = Sink::start();
+    let core_list = cores(2)
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let serve = Serve::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--forward",
+        &sink.addr().to_string(),
+        "--admin",
+        "127.0.0.1:0",
+        "--cores",
+        &core_list,
+    ]);
+    let admin = serve.admin.expect("admin address in the start-up line");
+    assert_eq!(http_get(admin, "/livez"), (200, "ok\n".into()));
+    assert_eq!(http_get(admin, "/readyz"), (200, "ready\n".into()));
+    assert_eq!(http_get(admin, "/nope").0, 404);
+
+    let packets: Vec<Vec<u8>> = (0..500u64)
+        .flat_map(|i| [datagram(&txid(i), 0, b"a"), datagram(&txid(i), 0, b"b")])
+        .chain([b"short".to_vec()])
+        .collect();
+    send_paced(serve.listen, &packets, 100);
+    sink.wait_for(500, Duration::from_secs(10), Duration::from_millis(200));
+    let mut text = String::new();
+    support::wait_for("metrics to catch up", Duration::from_secs(5), || {
+        text = http_get(admin, "/metrics").1;
+        metric_sum(&text, "txgate_gate_received_total") == 1001
+    });
+    assert_eq!(metric_sum(&text, "txgate_gate_forwarded_total"), 500);
+    assert_eq!(metric_sum(&text, "txgate_gate_suppressed_total"), 500);
+    assert_eq!(metric_sum(&text, "txgate_gate_short_total"), 1);
+    for family in [
+        "# TYPE txgate_gate_hops_total counter",
+        "# TYPE txgate_gate_fail_open_total counter",
+        "# TYPE txgate_backend_errors_total counter",
+        "# TYPE txgate_claim_duration_seconds histogram",
+        "# TYPE txgate_backend_op_duration_seconds histogram",
+        "txgate_claim_duration_seconds_count{shard=\"1\"}",
+    ] {
+        assert!(text.contains(family), "metrics lack {family}:\n{text}");
+    }
+
+    let (code, out, _) = serve.terminate();
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(summary_field(&out, "received"), 1001);
+    assert_eq!(summary_field(&out, "forwarded"), 500);
+    assert_eq!(summary_field(&out, "short"), 1);
+}
+
+#[test]
+fn sigterm_drains_claims_stuck_on_a_frozen_store_then_exits_0() {
+    let redis = RedisServer::start();
+    let sink = Sink::start();
+    let op_timeout = Duration::from_millis(700);
+    let serve = Serve::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--forward",
+        &sink.addr().to_string(),
+        "--admin",
+        "off",
+        "--cores",
+        &cores(1)[0].to_string(),
+        "--ingress-dedup-backend",
+        "redis",
+        "--ingress-dedup-redis-addr",
+        &redis.addr(),
+        "--ingress-dedup-op-timeout",
+        "700ms",
+    ]);
+    let first: Vec<Vec<u8>> = (0..100u64).map(|i| datagram(&txid(i), 0, b"1")).collect();
+    send_paced(serve.listen, &first, 50);
+    sink.wait_for(100, Duration::from_secs(10), Duration::ZERO);
+
+    // Freeze the store: the next claims wait on it until the op timeout.
+    redis.pause();
+    let stuck: Vec<Vec<u8>> = (100..150u64).map(|i| datagram(&txid(i), 0, b"2")).collect();
+    send_paced(serve.listen, &stuck, 50);
+    std::thread::sleep(Duration::from_millis(100));
+    let (code, out, took) = serve.terminate();
+    redis.resume();
+    eprintln!("drain took {took:?} (op timeout {op_timeout:?}): {out}");
+    assert_eq!(code, Some(0), "{out}");
+    // Every claim in flight went out before exit: failed open on its op
+    // timeout, or (a Redis retry outlasting the drain) forwarded by it.
+    assert_eq!(summary_field(&out, "received"), 150);
+    assert_eq!(summary_field(&out, "forwarded"), 150);
+    assert_eq!(summary_field(&out, "fail_open"), 50);
+    assert_eq!(summary_field(&out, "abandoned"), 0);
+    let got = sink.wait_for(150, Duration::from_secs(5), Duration::from_millis(100));
+    assert_eq!(got.len(), 150);
+    // The brief's bound, with 1 s of slack for a loaded 2-core machine.
+    assert!(
+        took < Duration::from_secs(1) + op_timeout + Duration::from_secs(1),
+        "drain took {took:?}"
+    );
+}
