@@ -255,7 +255,10 @@ impl TxIdSet {
     pub async fn claim(&self, txid: &[u8]) -> Verdict {
         match self.begin(txid) {
             Claim::Done(v) => v,
-            Claim::Novel(c) => self.finish(c).await,
+            Claim::Novel(c) => match self.finish_now(c) {
+                Ok(v) => v,
+                Err(c) => self.finish(c).await,
+            },
         }
     }
 
@@ -339,6 +342,32 @@ impl TxIdSet {
                 self.ttl,
             )
             .await;
+        self.conclude(claim, outcome, started)
+    }
+
+    /// [`TxIdSet::finish`] without building a future, for a store that
+    /// answers at once (memory); gives the claim back when it would wait.
+    // The claim travels by value for the same reason as in `Claim`.
+    #[allow(clippy::result_large_err)]
+    pub fn finish_now(&self, claim: NovelClaim) -> Result<Verdict, NovelClaim> {
+        let started = std::time::Instant::now();
+        let Some(outcome) = claim.backend.set_nx_now(
+            &claim.key[..claim.key_len],
+            &claim.value[..claim.value_len],
+            self.ttl,
+        ) else {
+            return Err(claim);
+        };
+        self.count(|c| c.backend_calls += 1);
+        Ok(self.conclude(claim, outcome, started))
+    }
+
+    fn conclude(
+        &self,
+        claim: NovelClaim,
+        outcome: Result<bool, crate::cache::CacheError>,
+        started: std::time::Instant,
+    ) -> Verdict {
         self.backend_latency.borrow_mut().record(started.elapsed());
         let mut txid = [0u8; crate::route::TXID_LEN_MAX];
         let txid = &mut txid[..self.txid_len];

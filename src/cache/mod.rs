@@ -295,6 +295,21 @@ impl ShardBackend {
         }
     }
 
+    /// [`ShardBackend::set_nx`] for a store that answers without waiting
+    /// (memory): `None` means this store must be awaited.
+    #[inline]
+    pub fn set_nx_now(
+        &self,
+        key: &[u8],
+        val: &[u8],
+        ttl: Duration,
+    ) -> Option<Result<bool, CacheError>> {
+        match self {
+            Self::Memory(m) => Some(m.set_nx(key, val, ttl)),
+            Self::Redis(_) | Self::Aerospike(_) | Self::Fault(_) => None,
+        }
+    }
+
     /// Writes `key = val`, replacing any value.
     pub async fn set(&self, key: &[u8], val: &[u8], ttl: Duration) -> Result<(), CacheError> {
         match self {

@@ -16,7 +16,7 @@ mod shard;
 pub mod steering;
 pub mod udp;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -246,6 +246,8 @@ pub struct Gate {
     /// False while a fail-open boot waits for the store.
     connected: Arc<AtomicBool>,
     upgrader: Option<(flume::Sender<()>, JoinHandle<()>)>,
+    /// How long a stopping shard waits for claims in flight.
+    drain_timeout: Duration,
     started: Instant,
 }
 
@@ -350,11 +352,12 @@ impl Gate {
             }));
         }
         drop(hop_txs);
+        let drain_timeout = config.store.op_timeout + Duration::from_millis(200);
         let plan = Arc::new(ShardPlan {
             txid_offset: config.txid_offset,
             txid_len,
             batch: config.batch,
-            drain_timeout: config.store.op_timeout + Duration::from_millis(200),
+            drain_timeout,
         });
         let io = Arc::new(Mutex::new(io));
         let serving = {
@@ -408,6 +411,7 @@ impl Gate {
             serving: Some(serving),
             connected,
             upgrader,
+            drain_timeout,
             started: Instant::now(),
         })
     }
@@ -502,15 +506,21 @@ impl Gate {
         }
         let mut summary = GateSummary::default();
         if let Some(h) = self.serving.take() {
-            match h.join() {
-                Ok(Ok(ends)) => {
+            // Bounded even if a shard wedges: the drain itself is bounded by
+            // the op timeout, so this only waits longer than that on a bug.
+            let limit = self.drain_timeout + Duration::from_secs(2);
+            match join_within(h, limit) {
+                None => tracing::warn!(
+                    "gate shards did not stop within {limit:?}; figures may be stale"
+                ),
+                Some(Ok(Ok(ends))) => {
                     for e in ends {
                         add(&mut summary.total, &e.snapshot);
                         summary.abandoned += e.abandoned;
                     }
                 }
-                Ok(Err(e)) => tracing::warn!("gate shards ended with an error: {e}"),
-                Err(_) => tracing::warn!("the gate thread panicked"),
+                Some(Ok(Err(e))) => tracing::warn!("gate shards ended with an error: {e}"),
+                Some(Err(_)) => tracing::warn!("the gate thread panicked"),
             }
         }
         if summary.total.received == 0 {
@@ -521,12 +531,34 @@ impl Gate {
         summary.drain = began.elapsed();
         if let Some(engine) = self.engine.take()
             && let Ok(engine) = Arc::try_unwrap(engine)
-            && let Err(e) = engine.shutdown()
         {
-            tracing::warn!("engine shutdown: {e}");
+            let stopping = std::thread::Builder::new()
+                .name("txgate-stop".into())
+                .spawn(move || engine.shutdown());
+            let limit = Duration::from_secs(3);
+            match stopping.map(|h| join_within(h, limit)) {
+                Ok(Some(Ok(Ok(())))) => {}
+                Ok(Some(Ok(Err(e)))) => tracing::warn!("engine shutdown: {e}"),
+                Ok(None) => {
+                    tracing::warn!("shard threads did not stop within {limit:?}; leaving them")
+                }
+                Ok(Some(Err(_))) | Err(_) => tracing::warn!("engine shutdown failed"),
+            }
         }
         summary
     }
+}
+
+/// Joins `h` if it finishes within `limit`; `None` leaves it running.
+fn join_within<T>(h: JoinHandle<T>, limit: Duration) -> Option<std::thread::Result<T>> {
+    let deadline = Instant::now() + limit;
+    while !h.is_finished() {
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Some(h.join())
 }
 
 impl Drop for Gate {
@@ -585,62 +617,46 @@ fn upgrade_when_reachable(
     }
 }
 
-/// Shard `shard`'s sending sockets: one per address family in use, with the
-/// multicast options set; blocking with a short send timeout, so a full send
-/// buffer costs a bounded wait and then a counted error.
+/// Shard `shard`'s sending sockets: one per target, connected to it (the
+/// kernel then routes once, not per datagram), with the multicast options
+/// set; blocking with a short send timeout, so a full send buffer costs a
+/// bounded wait and then a counted error.
 fn forward_sockets(
     shard: usize,
     forward: &[SocketAddr],
     mc: &Multicast,
-) -> Result<Vec<(UdpSocket, socket2::SockAddr)>, GateError> {
-    let err = |what: &str, source| GateError::Socket {
-        what: format!("shard {shard}'s forward socket ({what})"),
-        source,
-    };
-    let mut v4: Option<UdpSocket> = None;
-    let mut v6: Option<UdpSocket> = None;
+) -> Result<Vec<(UdpSocket, SocketAddr)>, GateError> {
     let mut out = Vec::with_capacity(forward.len());
     for to in forward {
-        let slot = if to.is_ipv4() { &mut v4 } else { &mut v6 };
-        if slot.is_none() {
-            let domain = Domain::for_address(*to);
-            let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))
-                .map_err(|e| err("create", e))?;
-            let any: SocketAddr = if to.is_ipv4() {
-                (IpAddr::from(Ipv4Addr::UNSPECIFIED), 0).into()
-            } else {
-                (IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED), 0).into()
-            };
-            s.bind(&any.into()).map_err(|e| err("bind", e))?;
-            s.set_write_timeout(Some(Duration::from_millis(10)))
-                .map_err(|e| err("send timeout", e))?;
-            if to.is_ipv4() {
-                s.set_multicast_ttl_v4(mc.ttl)
-                    .map_err(|e| err("IP_MULTICAST_TTL", e))?;
-                s.set_multicast_loop_v4(mc.loopback)
-                    .map_err(|e| err("IP_MULTICAST_LOOP", e))?;
-                if let Some(ifa) = mc.interface_v4 {
-                    s.set_multicast_if_v4(&ifa)
-                        .map_err(|e| err("IP_MULTICAST_IF", e))?;
-                }
-            } else {
-                s.set_multicast_hops_v6(mc.ttl)
-                    .map_err(|e| err("IPV6_MULTICAST_HOPS", e))?;
-                s.set_multicast_loop_v6(mc.loopback)
-                    .map_err(|e| err("IPV6_MULTICAST_LOOP", e))?;
-                if let Some(ifi) = mc.interface_v6 {
-                    s.set_multicast_if_v6(ifi)
-                        .map_err(|e| err("IPV6_MULTICAST_IF", e))?;
-                }
+        let err = |what: &str, source| GateError::Socket {
+            what: format!("shard {shard}'s socket to {to} ({what})"),
+            source,
+        };
+        let s = Socket::new(Domain::for_address(*to), Type::DGRAM, Some(Protocol::UDP))
+            .map_err(|e| err("create", e))?;
+        s.set_write_timeout(Some(Duration::from_millis(10)))
+            .map_err(|e| err("send timeout", e))?;
+        if to.is_ipv4() {
+            s.set_multicast_ttl_v4(mc.ttl)
+                .map_err(|e| err("IP_MULTICAST_TTL", e))?;
+            s.set_multicast_loop_v4(mc.loopback)
+                .map_err(|e| err("IP_MULTICAST_LOOP", e))?;
+            if let Some(ifa) = mc.interface_v4 {
+                s.set_multicast_if_v4(&ifa)
+                    .map_err(|e| err("IP_MULTICAST_IF", e))?;
             }
-            *slot = Some(s.into());
+        } else {
+            s.set_multicast_hops_v6(mc.ttl)
+                .map_err(|e| err("IPV6_MULTICAST_HOPS", e))?;
+            s.set_multicast_loop_v6(mc.loopback)
+                .map_err(|e| err("IPV6_MULTICAST_LOOP", e))?;
+            if let Some(ifi) = mc.interface_v6 {
+                s.set_multicast_if_v6(ifi)
+                    .map_err(|e| err("IPV6_MULTICAST_IF", e))?;
+            }
         }
-        let sock = slot
-            .as_ref()
-            .expect("just set")
-            .try_clone()
-            .map_err(|e| err("dup", e))?;
-        out.push((sock, socket2::SockAddr::from(*to)));
+        s.connect(&(*to).into()).map_err(|e| err("connect", e))?;
+        out.push((s.into(), *to));
     }
     Ok(out)
 }

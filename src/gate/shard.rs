@@ -4,7 +4,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
-use std::net::UdpSocket;
+use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::pin::Pin;
 use std::rc::Rc;
@@ -32,7 +32,7 @@ pub(super) struct ShardPlan {
 /// One shard's sockets and channels, built on the main thread.
 pub(super) struct ShardIo {
     pub listen: UdpSocket,
-    pub targets: Vec<(UdpSocket, socket2::SockAddr)>,
+    pub targets: Vec<(UdpSocket, SocketAddr)>,
     pub hop_rx: flume::Receiver<Box<[u8]>>,
     pub hop_txs: Vec<flume::Sender<Box<[u8]>>>,
     pub stop: flume::Receiver<()>,
@@ -56,7 +56,7 @@ struct GateShard {
     shard: Rc<Shard>,
     plan: Arc<ShardPlan>,
     shards: u32,
-    targets: Vec<(UdpSocket, socket2::SockAddr)>,
+    targets: Vec<(UdpSocket, SocketAddr)>,
     /// Emptied when the shard stops reading, so owners' hop loops can end.
     hop_txs: RefCell<Vec<flume::Sender<Box<[u8]>>>>,
     counters: Cell<Counters>,
@@ -271,6 +271,13 @@ impl GateShard {
             }
             Claim::Novel(c) => c,
         };
+        let novel = match self.shard.txids().finish_now(novel) {
+            Ok(v) => {
+                self.verdict(v, pkt, out);
+                return true;
+            }
+            Err(c) => c,
+        };
         let shard = self.shard.clone();
         let mut wait: Pin<Box<dyn Future<Output = Verdict>>> =
             Box::pin(async move { shard.txids().finish(novel).await });
@@ -319,11 +326,11 @@ impl GateShard {
             return;
         }
         for (sock, to) in &self.targets {
-            let (sent, err) = out.send_to(sock.as_raw_fd(), to);
+            let (sent, err) = out.send(sock.as_raw_fd());
             if let Some(e) = err {
                 let failed = (out.len() - sent) as u64;
                 self.count(|c| c.forward_errors += failed);
-                tracing::debug!("forward to {:?}: {e}", to.as_socket());
+                tracing::debug!("forward to {to}: {e}");
             }
         }
         out.clear();

@@ -145,23 +145,37 @@ impl SendBatch {
         self.hdrs.clear();
     }
 
-    /// Sends every queued payload to `to` through `fd` (a blocking socket
-    /// with a send timeout, so a full send buffer is waited out, boundedly).
-    /// Returns how many were sent; the first error stops the batch.
+    /// Sends every queued payload through `fd`, a socket connected to its
+    /// target (blocking with a send timeout, so a full send buffer is waited
+    /// out, boundedly). Returns how many were sent; an error stops the batch.
+    pub fn send(&mut self, fd: RawFd) -> (usize, Option<io::Error>) {
+        self.send_with(fd, None)
+    }
+
+    /// [`SendBatch::send`] on an unconnected socket, to `to`.
     pub fn send_to(&mut self, fd: RawFd, to: &SockAddr) -> (usize, Option<io::Error>) {
+        self.send_with(fd, Some(to))
+    }
+
+    fn send_with(&mut self, fd: RawFd, to: Option<&SockAddr>) -> (usize, Option<io::Error>) {
         self.hdrs.clear();
         for iov in &mut self.iovs {
             // SAFETY: an all-zero msghdr is valid; the fields set below point
             // at `to` and at `iov`, both alive for the call.
             let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            h.msg_hdr.msg_name = to.as_ptr() as *mut libc::c_void;
-            h.msg_hdr.msg_namelen = to.len();
+            if let Some(to) = to {
+                h.msg_hdr.msg_name = to.as_ptr() as *mut libc::c_void;
+                h.msg_hdr.msg_namelen = to.len();
+            }
             h.msg_hdr.msg_iov = iov;
             h.msg_hdr.msg_iovlen = 1;
             self.hdrs.push(h);
         }
         let mut sent = 0;
         let mut eintr = 0;
+        // A connected socket reports an earlier ICMP port-unreachable on
+        // the next send, which then sends nothing: retry that once.
+        let mut refused = 0;
         while sent < self.hdrs.len() {
             // SAFETY: headers `sent..` are initialised above and point at
             // live iovecs and at `to`.
@@ -177,6 +191,10 @@ impl SendBatch {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted && eintr < 8 {
                     eintr += 1;
+                    continue;
+                }
+                if e.kind() == io::ErrorKind::ConnectionRefused && refused < 1 {
+                    refused += 1;
                     continue;
                 }
                 return (sent, Some(e));
@@ -216,10 +234,17 @@ mod tests {
         out.clear();
         assert!(out.is_empty());
 
+        // Connected: no address per datagram.
+        let conn = UdpSocket::bind("127.0.0.1:0").unwrap();
+        conn.connect(rx.local_addr().unwrap()).unwrap();
+        out.push(b"connected");
+        assert_eq!(out.send(conn.as_raw_fd()).0, 1);
+        out.clear();
+
         let mut batch = RecvBatch::new(4);
         let mut got: Vec<Vec<u8>> = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(5);
-        while got.len() < payloads.len() && Instant::now() < deadline {
+        while got.len() < payloads.len() + 1 && Instant::now() < deadline {
             let n = batch.recv(rx.as_raw_fd()).unwrap();
             assert!(n <= 4);
             got.extend((0..n).map(|i| batch.get(i).to_vec()));
@@ -227,7 +252,9 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
-        assert_eq!(got, payloads);
+        let mut want = payloads.clone();
+        want.push(b"connected".to_vec());
+        assert_eq!(got, want);
         assert_eq!(batch.recv(rx.as_raw_fd()).unwrap(), 0, "nothing left");
     }
 }
