@@ -236,7 +236,15 @@ impl GateShard {
                 .borrow_mut()
                 .record_n(t0.elapsed().as_nanos() as u64, answered);
             self.flush(&mut out);
-            if t0.duration_since(reactor_at) >= REACTOR_EVERY {
+            if n < batch.capacity() {
+                // The queue was drained: wait for the next datagram (the wait
+                // looks once without blocking first) instead of a read that
+                // would come back empty.
+                if !wait_readable(listen, stop).await {
+                    return;
+                }
+                reactor_at = Instant::now();
+            } else if t0.duration_since(reactor_at) >= REACTOR_EVERY {
                 step_aside().await;
                 reactor_at = Instant::now();
             }

@@ -83,6 +83,11 @@ impl RecvBatch {
         Ok(self.filled)
     }
 
+    /// Datagrams one read can return.
+    pub fn capacity(&self) -> usize {
+        self.hdrs.len()
+    }
+
     /// Datagrams from the last [`RecvBatch::recv`].
     pub fn len(&self) -> usize {
         self.filled
