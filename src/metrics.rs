@@ -203,7 +203,10 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("x_seconds_count{shard=\"1\"} 3\n"), "{out}");
-        assert!(out.contains("x_seconds_sum{shard=\"1\"} 0.002006\n"), "{out}");
+        assert!(
+            out.contains("x_seconds_sum{shard=\"1\"} 0.002006\n"),
+            "{out}"
+        );
         let mut bare = String::new();
         h.render(&mut bare, "y", "");
         assert!(bare.contains("y_bucket{le=\"+Inf\"} 3\n") && bare.contains("y_count 3\n"));
