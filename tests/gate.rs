@@ -1,8 +1,9 @@
 //! The UDP gate on loopback with real sockets: duplicates suppressed and
 //! novel TxIDs forwarded unchanged, short datagrams counted, kernel steering
 //! (every datagram on the shard `route` names, 0 hops) and hand-overs
-//! without it, two instances sharing a real redis-server, and a fail-open
-//! boot that upgrades when redis-server starts.
+//! without it, two instances sharing a real redis-server, a fail-open boot
+//! that upgrades when redis-server starts, and a multicast target (TTL 0, so
+//! nothing leaves the host).
 
 mod support;
 
@@ -283,4 +284,57 @@ fn fail_open_boot_serves_tier1_then_switches_to_redis_when_it_starts() {
     assert_eq!(t.claims.fail_open, 0);
     let keys = redis.cmd(&["DBSIZE"]);
     assert!(matches!(keys, support::redis::Resp::Int(200)), "{keys:?}");
+}
+
+#[test]
+fn forwards_to_a_multicast_group_with_ttl_0_so_nothing_leaves_the_host() {
+    // TTL 0 keeps multicast on this host (looped back to local members), so
+    // the test sends nothing beyond the machine.
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    let port = probe.local_addr().unwrap().port();
+    drop(probe);
+    let group = std::net::Ipv4Addr::new(239, 255, (port >> 8) as u8, port as u8);
+    let member = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )
+    .unwrap();
+    member.set_reuse_address(true).unwrap();
+    member
+        .bind(&std::net::SocketAddr::from(([0, 0, 0, 0], port)).into())
+        .unwrap();
+    member
+        .join_multicast_v4(&group, &std::net::Ipv4Addr::UNSPECIFIED)
+        .unwrap();
+    let member: std::net::UdpSocket = member.into();
+    member
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+
+    let sink = Sink::start();
+    let mut c = config(1, &sink);
+    c.forward = vec![std::net::SocketAddr::from((group, port))];
+    c.multicast.ttl = 0;
+    c.multicast.loopback = true;
+    let gate = Gate::start(c).unwrap();
+    let packets: Vec<Vec<u8>> = (0..50u64)
+        .flat_map(|i| [datagram(&txid(i), 0, b"m"), datagram(&txid(i), 0, b"m")])
+        .collect();
+    send_paced(gate.local_addr(), &packets, 20);
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while got.len() < 50 && std::time::Instant::now() < deadline {
+        if let Ok(n) = member.recv(&mut buf) {
+            got.push(buf[..n].to_vec());
+        }
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    while let Ok(n) = member.recv(&mut buf) {
+        got.push(buf[..n].to_vec());
+    }
+    assert_eq!(got.len(), 50, "one copy per TxID to the group");
+    let t = totals_after(&gate, 100);
+    assert_eq!(t.forwarded, 50);
 }
