@@ -128,3 +128,51 @@ fn a_changed_partition_map_is_tended_and_ops_follow_it() {
         batch(&format!("tended{round}")) == 0
     });
 }
+
+#[test]
+fn a_node_that_joins_after_open_is_found_dialed_and_given_its_partitions() {
+    use txgate::engine::{Op, Reply};
+    // Three nodes listen; two form the cluster at open, the third joins later.
+    let server = AeroServer::start_partial(3, 2, "test");
+    let backend = cache::open(&config(vec![server.seeds()[0].clone()])).expect("opens");
+    let Some(txgate::cache::Backend::Aerospike(ref a)) = backend else {
+        panic!("an aerospike backend")
+    };
+    assert_eq!(a.node_ids().len(), 2, "two nodes at open");
+    let handle = a.clone();
+    let e = support::engine(2, backend);
+    let batch = |tag: &str| {
+        let before = server.proxied();
+        for i in 0..90 {
+            let key = format!("{tag}:{i}").into_bytes();
+            let set = Op::Set {
+                key: key.clone(),
+                val: key.clone(),
+                ttl: Duration::from_secs(60),
+            };
+            assert_eq!(e.op_blocking(&key, set).unwrap(), Reply::Set);
+        }
+        server.proxied() - before
+    };
+    assert_eq!(batch("before"), 0);
+    assert_eq!(server.requests_to(2), 0, "the outsider serves nothing yet");
+
+    server.join_next();
+    // Right after the join our map is stale (proxied), never an error; within
+    // a few tending rounds the node is known, dialed, and ops reach it.
+    let mut round = 0;
+    support::wait_for(
+        "the joined node to be tended",
+        Duration::from_secs(15),
+        || {
+            round += 1;
+            batch(&format!("after{round}")) == 0
+        },
+    );
+    assert_eq!(handle.node_ids().len(), 3);
+    assert!(handle.node_ids().contains(&server.node_id(2)));
+    assert!(
+        server.requests_to(2) > 0,
+        "the joined node masters partitions now"
+    );
+}

@@ -56,7 +56,7 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -116,6 +116,10 @@ impl Record {
 struct Shared {
     namespace: String,
     nodes: usize,
+    /// Nodes `0..active` form the cluster (master partitions, appear in
+    /// peers); the rest listen but stay outside until [`AeroServer::join_next`].
+    active: AtomicUsize,
+    peers_generation: AtomicU32,
     ports: Mutex<Vec<u16>>,
     store: Mutex<HashMap<Key, Record>>,
     stop: AtomicBool,
@@ -125,6 +129,8 @@ struct Shared {
     misroute: AtomicBool,
     partition_generation: AtomicU32,
     requests: AtomicU64,
+    /// Record requests per node.
+    node_requests: Vec<AtomicU64>,
     proxied: AtomicU64,
     next_conn: AtomicU64,
     conns: Mutex<HashMap<u64, TcpStream>>,
@@ -142,8 +148,9 @@ impl Shared {
 
     /// The node that masters `p` in the current (reported) map.
     fn master_of(&self, p: usize) -> usize {
+        let n = self.active.load(Ordering::SeqCst).max(1);
         let shift = usize::from(self.misroute.load(Ordering::Relaxed));
-        (p % self.nodes + self.nodes - shift % self.nodes) % self.nodes
+        (p % n + n - shift % n) % n
     }
 
     fn node_id(i: usize) -> String {
@@ -165,7 +172,14 @@ pub struct AeroServer {
 impl AeroServer {
     /// `nodes` (1 or 3) nodes on loopback serving `namespace`.
     pub fn start(nodes: usize, namespace: &str) -> AeroServer {
+        AeroServer::start_partial(nodes, nodes, namespace)
+    }
+
+    /// `nodes` nodes listening, of which the first `active` form the
+    /// cluster; the others join one by one with [`AeroServer::join_next`].
+    pub fn start_partial(nodes: usize, active: usize, namespace: &str) -> AeroServer {
         assert!(nodes >= 1, "at least one node");
+        assert!((1..=nodes).contains(&active), "1..=nodes active");
         let listeners: Vec<TcpListener> = (0..nodes)
             .map(|_| {
                 let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
@@ -180,6 +194,8 @@ impl AeroServer {
         let shared = Arc::new(Shared {
             namespace: namespace.to_owned(),
             nodes,
+            active: AtomicUsize::new(active),
+            peers_generation: AtomicU32::new(1),
             ports: Mutex::new(addrs.iter().map(SocketAddr::port).collect()),
             store: Mutex::new(HashMap::new()),
             stop: AtomicBool::new(false),
@@ -189,6 +205,7 @@ impl AeroServer {
             misroute: AtomicBool::new(false),
             partition_generation: AtomicU32::new(1),
             requests: AtomicU64::new(0),
+            node_requests: (0..nodes).map(|_| AtomicU64::new(0)).collect(),
             proxied: AtomicU64::new(0),
             next_conn: AtomicU64::new(0),
             conns: Mutex::new(HashMap::new()),
@@ -234,6 +251,28 @@ impl AeroServer {
     /// The node that masters partition `p` in the map currently reported.
     pub fn master_of(&self, p: u16) -> usize {
         self.shared.master_of(usize::from(p))
+    }
+
+    /// Record requests node `i` has served.
+    pub fn requests_to(&self, i: usize) -> u64 {
+        self.shared.node_requests[i].load(Ordering::Relaxed)
+    }
+
+    /// Nodes in the cluster now.
+    pub fn active(&self) -> usize {
+        self.shared.active.load(Ordering::SeqCst)
+    }
+
+    /// The next listening node joins the cluster: it appears in every
+    /// node's `peers-clear-std`, partitions are rebalanced over the larger
+    /// cluster, and `peers-generation` and `partition-generation` move on.
+    pub fn join_next(&self) {
+        let s = &self.shared;
+        let now = s.active.load(Ordering::SeqCst);
+        assert!(now < s.nodes, "every node has joined already");
+        s.active.store(now + 1, Ordering::SeqCst);
+        s.peers_generation.fetch_add(1, Ordering::SeqCst);
+        s.partition_generation.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Sleep this long before each reply (record and info alike).
@@ -372,6 +411,7 @@ fn serve(shared: &Shared, node: usize, mut stream: TcpStream) -> io::Result<()> 
                     Ok(None) => break,
                     Ok(Some((req, used))) => {
                         shared.requests.fetch_add(1, Ordering::Relaxed);
+                        shared.node_requests[node].fetch_add(1, Ordering::Relaxed);
                         let (code, generation, expiration, bins) = handle(shared, node, &req);
                         let bins: Vec<(&[u8], u8, &[u8])> =
                             bins.iter().map(|(n, p, v)| (&n[..], *p, &v[..])).collect();
@@ -573,13 +613,13 @@ fn info_value(shared: &Shared, node: usize, command: &str) -> String {
         "replicas" | "replicas-all" => format!("{ns}:0,1,{}", masters_b64(shared, node)),
         "replicas-master" => format!("{ns}:{}", masters_b64(shared, node)),
         "peers-clear-std" => {
-            let peers: Vec<String> = (0..shared.nodes)
+            let peers: Vec<String> = (0..shared.active.load(Ordering::SeqCst))
                 .filter(|&i| i != node)
                 .map(|i| format!("[{},,[127.0.0.1:{}]]", Shared::node_id(i), shared.port(i)))
                 .collect();
             format!("1,{},[{}]", shared.port(node), peers.join(","))
         }
-        "peers-generation" => "1".to_owned(),
+        "peers-generation" => shared.peers_generation.load(Ordering::SeqCst).to_string(),
         "cluster-name" => CLUSTER_NAME.to_owned(),
         "build" => BUILD.to_owned(),
         "status" => "ok".to_owned(),

@@ -14,12 +14,14 @@
 //!   server answers by then.
 //!
 //! - A tending thread (cold path) polls every node's `partition-generation`
-//!   each second; when one changes it refetches `replicas` and publishes a
-//!   new owner map. Shards pick it up in their sweep task (an atomic load per
-//!   tick), so the hot path reads a shard-local copy without locks.
-//!
-//! Not yet: nodes joining after open (`peers-generation`): their partitions
-//! are reached through the nodes we know, which proxy.
+//!   and `peers-generation` each second. A new peers generation means nodes
+//!   may have joined: it reads `peers-clear-std`, asks each unknown address
+//!   for its `node` id and appends it to the node list. Either change
+//!   refetches `replicas` from every node and publishes a new owner map.
+//!   Shards pick it up in their sweep task (an atomic load per tick), dial
+//!   nodes they have no connections to yet, and until those are up send
+//!   such a node's partitions to a node they know, which proxies: the hot
+//!   path reads a shard-local copy without locks.
 
 pub mod codec;
 
@@ -67,14 +69,17 @@ struct Settings {
     op_timeout: Duration,
     inflight_max: usize,
     conns_per_node: usize,
-    nodes: Vec<Node>,
+    /// Every node found, in discovery order (indices are stable: nodes are
+    /// only appended, by the tending thread).
+    nodes: Mutex<Vec<Node>>,
     /// Master node index per partition (`u16::MAX`: no node claimed it),
     /// as last tended; `owner_gen` counts the maps published.
     owner: Mutex<Arc<[u16]>>,
     owner_gen: AtomicU64,
 }
 
-/// How often the tending thread polls `partition-generation`.
+/// How often the tending thread polls `partition-generation` and
+/// `peers-generation`.
 const TEND_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The process-wide Aerospike backend: nodes and the partition map.
@@ -83,11 +88,15 @@ pub struct AerospikeBackend {
     inner: Arc<Settings>,
 }
 
+/// One shard's connections to one node.
+type NodeConns = Vec<Rc<Pipeline<AsMsg>>>;
+
 /// One shard's Aerospike backend.
 pub struct AerospikeShard {
     settings: Arc<Settings>,
-    /// `conns[node][i]`: the shard's connections to each node.
-    conns: Vec<Vec<Rc<Pipeline<AsMsg>>>>,
+    /// `conns[node][i]`: the shard's connections to each node, in the
+    /// order of `Settings::nodes` (a prefix of it while new nodes are dialed).
+    conns: Rc<RefCell<Vec<NodeConns>>>,
     next_conn: Cell<usize>,
     /// This shard's copy of the owner map, and which publication it is.
     owner: Rc<RefCell<(u64, Arc<[u16]>)>>,
@@ -114,56 +123,63 @@ impl Connector for AeroConnector {
 impl AerospikeBackend {
     /// Nodes found at open, by id.
     pub fn node_ids(&self) -> Vec<String> {
-        self.inner.nodes.iter().map(|n| n.id.clone()).collect()
+        nodes_of(&self.inner).iter().map(|n| n.id.clone()).collect()
     }
 
     /// Dials shard `shard`'s connections to every node.
     pub async fn shard(&self, _shard: usize) -> Result<AerospikeShard, CacheError> {
         let s = &self.inner;
-        let mut conns = Vec::with_capacity(s.nodes.len());
-        for node in &s.nodes {
-            let mut per_node = Vec::with_capacity(s.conns_per_node);
-            for _ in 0..s.conns_per_node {
-                let p = Pipeline::<AsMsg>::connect(
-                    AeroConnector {
-                        addr: node.addr,
-                        dial_timeout: s.dial_timeout,
-                    },
-                    PipelineConfig {
-                        inflight_max: s.inflight_max,
-                        op_timeout: s.op_timeout,
-                        ..PipelineConfig::default()
-                    },
-                )
-                .await
-                .map_err(|detail| CacheError::Connect {
-                    addr: node.addr.to_string(),
-                    detail,
-                })?;
-                per_node.push(Rc::new(p));
-            }
-            conns.push(per_node);
+        let mut conns = Vec::new();
+        for node in nodes_of(s) {
+            conns.push(dial_node(s, &node).await?);
         }
+        let conns = Rc::new(RefCell::new(conns));
         let every = (s.op_timeout / 10).clamp(Duration::from_millis(1), Duration::from_millis(10));
-        let swept: Vec<_> = conns.iter().flatten().map(Rc::downgrade).collect();
         let owner = Rc::new(RefCell::new(current_owner(s)));
-        let (tended, local) = (Arc::downgrade(s), Rc::downgrade(&owner));
+        let (tended, local, swept) = (
+            Arc::downgrade(s),
+            Rc::downgrade(&owner),
+            Rc::downgrade(&conns),
+        );
+        let dialing = Rc::new(Cell::new(false));
         let sweeper = glommio::spawn_local(async move {
             loop {
                 glommio::timer::sleep(every).await;
                 let now = Instant::now();
-                for w in &swept {
-                    match w.upgrade() {
-                        Some(p) => p.sweep(now),
-                        None => return,
-                    }
+                let Some(conns) = swept.upgrade() else { return };
+                for p in conns.borrow().iter().flatten() {
+                    p.sweep(now);
                 }
                 // A newer map from the tending thread: one atomic load per
                 // tick; the lock only when there is one.
-                if let (Some(s), Some(local)) = (tended.upgrade(), local.upgrade())
+                let Some(s) = tended.upgrade() else { return };
+                if let Some(local) = local.upgrade()
                     && s.owner_gen.load(Ordering::Acquire) != local.borrow().0
                 {
                     *local.borrow_mut() = current_owner(&s);
+                }
+                // Nodes that joined: dial them off this task, one at a time.
+                let known = conns.borrow().len();
+                if !dialing.get() && nodes_of(&s).len() > known {
+                    dialing.set(true);
+                    let (s, conns, dialing) = (s.clone(), Rc::downgrade(&conns), dialing.clone());
+                    glommio::spawn_local(async move {
+                        let joined = nodes_of(&s);
+                        for node in joined.iter().skip(known) {
+                            match dial_node(&s, node).await {
+                                Ok(c) => match conns.upgrade() {
+                                    Some(conns) => conns.borrow_mut().push(c),
+                                    None => break,
+                                },
+                                Err(e) => {
+                                    tracing::debug!(node = %node.id, error = %e, "dialing a joined node");
+                                    break;
+                                }
+                            }
+                        }
+                        dialing.set(false);
+                    })
+                    .detach();
                 }
             }
         });
@@ -175,6 +191,35 @@ impl AerospikeBackend {
             _sweeper: sweeper,
         })
     }
+}
+
+fn nodes_of(s: &Settings) -> Vec<Node> {
+    s.nodes.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// One shard's `conns_per_node` pipelined connections to `node`.
+async fn dial_node(s: &Settings, node: &Node) -> Result<NodeConns, CacheError> {
+    let mut per_node = Vec::with_capacity(s.conns_per_node);
+    for _ in 0..s.conns_per_node {
+        let p = Pipeline::<AsMsg>::connect(
+            AeroConnector {
+                addr: node.addr,
+                dial_timeout: s.dial_timeout,
+            },
+            PipelineConfig {
+                inflight_max: s.inflight_max,
+                op_timeout: s.op_timeout,
+                ..PipelineConfig::default()
+            },
+        )
+        .await
+        .map_err(|detail| CacheError::Connect {
+            addr: node.addr.to_string(),
+            detail,
+        })?;
+        per_node.push(Rc::new(p));
+    }
+    Ok(per_node)
 }
 
 fn current_owner(s: &Settings) -> (u64, Arc<[u16]>) {
@@ -201,11 +246,20 @@ fn owners_from(
     Ok(owner)
 }
 
+/// What tending last saw of one node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Seen {
+    partitions: Option<String>,
+    peers: Option<String>,
+}
+
 /// The tending loop: while the backend lives, poll every node's
-/// `partition-generation` each [`TEND_INTERVAL`]; on a change, rebuild the
+/// `partition-generation` and `peers-generation` each [`TEND_INTERVAL`]; on
+/// a peers change, add the nodes that joined; on any change, rebuild the
 /// owner map from `replicas` and publish it. Bounded per round by the dial
-/// timeout per node; ends when the backend is dropped.
-fn tend(weak: Weak<Settings>, mut seen: Vec<Option<String>>) {
+/// timeout per node and by [`codec::PEERS_MAX`] nodes; ends when the backend
+/// is dropped.
+fn tend(weak: Weak<Settings>, mut seen: Vec<Seen>) {
     loop {
         let step = Duration::from_millis(50);
         let mut slept = Duration::ZERO;
@@ -217,42 +271,113 @@ fn tend(weak: Weak<Settings>, mut seen: Vec<Option<String>>) {
             }
         }
         let Some(s) = weak.upgrade() else { return };
-        let ask = |node: &Node, cmds: &[&str]| -> Option<codec::InfoPairs> {
-            let mut stream = StdTcpStream::connect_timeout(&node.addr, s.dial_timeout).ok()?;
+        let ask = |addr: &SocketAddr, cmds: &[&str]| -> Option<codec::InfoPairs> {
+            let mut stream = StdTcpStream::connect_timeout(addr, s.dial_timeout).ok()?;
             info_blocking(
                 &mut stream,
-                &node.addr.to_string(),
+                &addr.to_string(),
                 cmds,
                 Instant::now() + s.dial_timeout,
             )
             .ok()
         };
-        let gens: Vec<Option<String>> = s
-            .nodes
+        let mut nodes = nodes_of(&s);
+        let now: Vec<Seen> = nodes
             .iter()
-            .map(|n| {
-                ask(n, &["partition-generation"])
-                    .and_then(|p| value(&p, "partition-generation").map(str::to_owned))
-            })
+            .map(
+                |n| match ask(&n.addr, &["partition-generation", "peers-generation"]) {
+                    Some(p) => Seen {
+                        partitions: value(&p, "partition-generation").map(str::to_owned),
+                        peers: value(&p, "peers-generation").map(str::to_owned),
+                    },
+                    None => Seen::default(),
+                },
+            )
             .collect();
-        if gens == seen {
+        if now == seen {
             continue;
         }
-        let replicas: Vec<Option<String>> = s
-            .nodes
+        let peers_changed = now
             .iter()
-            .map(|n| ask(n, &["replicas"]).and_then(|p| value(&p, "replicas").map(str::to_owned)))
+            .zip(seen.iter().chain(std::iter::repeat(&Seen::default())))
+            .any(|(a, b)| a.peers.is_some() && a.peers != b.peers);
+        let mut now = now;
+        if peers_changed {
+            for joined in discover_joined(&nodes, &ask) {
+                if nodes.len() >= codec::PEERS_MAX {
+                    break;
+                }
+                tracing::info!(node = %joined.id, addr = %joined.addr, "an Aerospike node joined");
+                now.push(
+                    ask(&joined.addr, &["partition-generation", "peers-generation"])
+                        .map(|p| Seen {
+                            partitions: value(&p, "partition-generation").map(str::to_owned),
+                            peers: value(&p, "peers-generation").map(str::to_owned),
+                        })
+                        .unwrap_or_default(),
+                );
+                nodes.push(joined);
+            }
+        }
+        let replicas: Vec<Option<String>> = nodes
+            .iter()
+            .map(|n| {
+                ask(&n.addr, &["replicas"]).and_then(|p| value(&p, "replicas").map(str::to_owned))
+            })
             .collect();
         match owners_from(&replicas, &s.namespace) {
             Ok(owner) if owner.iter().any(|&o| o != u16::MAX) => {
+                // Nodes first, then the map that may name them.
+                *s.nodes.lock().unwrap_or_else(|p| p.into_inner()) = nodes;
                 *s.owner.lock().unwrap_or_else(|p| p.into_inner()) = Arc::from(owner);
                 s.owner_gen.fetch_add(1, Ordering::AcqRel);
-                seen = gens;
+                seen = now;
             }
             Ok(_) => tracing::debug!("tending: no node claims a partition; keeping the old map"),
             Err(e) => tracing::debug!(error = %e, "tending: bad replicas"),
         }
     }
+}
+
+/// Nodes that `peers-clear-std` of the known nodes names but we do not
+/// know yet, each confirmed by asking it for its `node` id.
+fn discover_joined(
+    known: &[Node],
+    ask: &dyn Fn(&SocketAddr, &[&str]) -> Option<codec::InfoPairs>,
+) -> Vec<Node> {
+    let mut joined: Vec<Node> = Vec::new();
+    for n in known {
+        let Some(pairs) = ask(&n.addr, &["peers-clear-std"]) else {
+            continue;
+        };
+        let Some(Ok(peers)) = value(&pairs, "peers-clear-std").map(codec::parse_peers_clear_std)
+        else {
+            continue;
+        };
+        for p in peers.nodes {
+            if known.iter().chain(&joined).any(|k| k.id == p.id) {
+                continue;
+            }
+            for (h, port) in p.addrs {
+                let text = if h.contains(':') {
+                    format!("[{h}]:{port}")
+                } else {
+                    format!("{h}:{port}")
+                };
+                let Some(addr) = text.to_socket_addrs().ok().and_then(|mut a| a.next()) else {
+                    continue;
+                };
+                if let Some(id) = ask(&addr, &["node"])
+                    .and_then(|p| value(&p, "node").map(str::to_owned))
+                    .filter(|id| !id.is_empty() && !id.starts_with("ERROR"))
+                {
+                    joined.push(Node { id, addr });
+                    break;
+                }
+            }
+        }
+    }
+    joined
 }
 
 fn server_error(op: &'static str, code: ResultCode) -> CacheError {
@@ -281,14 +406,16 @@ impl AerospikeShard {
     fn route(&self, key: &[u8]) -> (Rc<Pipeline<AsMsg>>, [u8; codec::DIGEST_LEN]) {
         let d = codec::digest(self.settings.set.as_bytes(), key);
         let pid = codec::partition_id(&d) as usize;
-        let owner = self.owner.borrow().1[pid];
-        // An unclaimed partition goes to any node, which proxies it.
-        let node = if owner == u16::MAX {
-            pid % self.conns.len()
+        let owner = self.owner.borrow().1[pid] as usize;
+        let conns = self.conns.borrow();
+        // An unclaimed partition, or one mastered by a node not dialed yet,
+        // goes to a node we know, which proxies it.
+        let node = if owner < conns.len() {
+            owner
         } else {
-            owner as usize
+            pid % conns.len()
         };
-        let per_node = &self.conns[node];
+        let per_node = &conns[node];
         let i = self.next_conn.get();
         self.next_conn.set(i.wrapping_add(1));
         debug_assert!(!per_node.is_empty());
@@ -386,7 +513,7 @@ impl AerospikeShard {
 
     /// Info `status` on every node within the dial timeout; cold path.
     pub async fn healthy(&self) -> bool {
-        for node in &self.settings.nodes {
+        for node in nodes_of(&self.settings) {
             let probe = info_async(node.addr, &["status"], self.settings.dial_timeout);
             match probe.await {
                 Ok(pairs) if pairs.iter().any(|(k, v)| k == "status" && v == "ok") => {}
@@ -398,7 +525,7 @@ impl AerospikeShard {
 
     /// Fails everything in flight and stops reconnecting.
     pub fn close(&self) {
-        for p in self.conns.iter().flatten() {
+        for p in self.conns.borrow().iter().flatten() {
             p.close();
         }
     }
@@ -496,7 +623,7 @@ pub fn open(config: &Config) -> Result<AerospikeBackend, CacheError> {
     }
     let deadline = Instant::now() + config.dial_timeout;
     let mut nodes: Vec<Node> = Vec::new();
-    let mut gens: Vec<Option<String>> = Vec::new();
+    let mut gens: Vec<Seen> = Vec::new();
     let mut owner = vec![u16::MAX; codec::PARTITIONS].into_boxed_slice();
     let mut to_visit: Vec<String> = config.aero_hosts.clone();
     let mut last_error = None;
@@ -549,6 +676,7 @@ pub fn open(config: &Config) -> Result<AerospikeBackend, CacheError> {
             &[
                 "node",
                 "partition-generation",
+                "peers-generation",
                 "replicas",
                 "peers-clear-std",
             ],
@@ -577,7 +705,10 @@ pub fn open(config: &Config) -> Result<AerospikeBackend, CacheError> {
         }
         let index = nodes.len() as u16;
         nodes.push(Node { id, addr });
-        gens.push(value(&pairs, "partition-generation").map(str::to_owned));
+        gens.push(Seen {
+            partitions: value(&pairs, "partition-generation").map(str::to_owned),
+            peers: value(&pairs, "peers-generation").map(str::to_owned),
+        });
         if let Some(replicas) = value(&pairs, "replicas") {
             match codec::parse_replicas_masters(replicas, &namespace) {
                 Ok(Some(masters)) => {
@@ -630,7 +761,7 @@ pub fn open(config: &Config) -> Result<AerospikeBackend, CacheError> {
         op_timeout: config.op_timeout,
         inflight_max: INFLIGHT_MAX,
         conns_per_node: config.aero_conns_per_node.max(1),
-        nodes,
+        nodes: Mutex::new(nodes),
         owner: Mutex::new(Arc::from(owner)),
         owner_gen: AtomicU64::new(0),
     });
