@@ -2,7 +2,7 @@
 //!
 //! One partition (`MemoryBackend::new(1_000_000).shard(0, 1)`), keys shaped as
 //! the dedup path builds them (`txgate:` ‖ 16-byte TxID, 23 bytes), values
-//! shaped as its claimant ids (`instance:0:000000012345`, 22 bytes). One op
+//! shaped as its claimant ids (`instance:0:000000012345`, 23 bytes). One op
 //! per criterion iteration (`Throughput::Elements(1)`); keys are precomputed,
 //! so the timed loop allocates only what the op itself does.
 //!
