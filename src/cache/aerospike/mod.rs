@@ -28,7 +28,7 @@ pub mod codec;
 use std::cell::{Cell, RefCell};
 use std::net::{SocketAddr, TcpStream as StdTcpStream, ToSocketAddrs};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -72,6 +72,8 @@ struct Settings {
     /// Every node found, in discovery order (indices are stable: nodes are
     /// only appended, by the tending thread).
     nodes: Mutex<Vec<Node>>,
+    /// `nodes.len()`, for shards to notice a join without taking the lock.
+    node_count: AtomicUsize,
     /// Master node index per partition (`u16::MAX`: no node claimed it),
     /// as last tended; `owner_gen` counts the maps published.
     owner: Mutex<Arc<[u16]>>,
@@ -160,7 +162,7 @@ impl AerospikeBackend {
                 }
                 // Nodes that joined: dial them off this task, one at a time.
                 let known = conns.borrow().len();
-                if !dialing.get() && nodes_of(&s).len() > known {
+                if !dialing.get() && s.node_count.load(Ordering::Acquire) > known {
                     dialing.set(true);
                     let (s, conns, dialing) = (s.clone(), Rc::downgrade(&conns), dialing.clone());
                     glommio::spawn_local(async move {
@@ -328,7 +330,9 @@ fn tend(weak: Weak<Settings>, mut seen: Vec<Seen>) {
         match owners_from(&replicas, &s.namespace) {
             Ok(owner) if owner.iter().any(|&o| o != u16::MAX) => {
                 // Nodes first, then the map that may name them.
+                let count = nodes.len();
                 *s.nodes.lock().unwrap_or_else(|p| p.into_inner()) = nodes;
+                s.node_count.store(count, Ordering::Release);
                 *s.owner.lock().unwrap_or_else(|p| p.into_inner()) = Arc::from(owner);
                 s.owner_gen.fetch_add(1, Ordering::AcqRel);
                 seen = now;
@@ -761,6 +765,7 @@ pub fn open(config: &Config) -> Result<AerospikeBackend, CacheError> {
         op_timeout: config.op_timeout,
         inflight_max: INFLIGHT_MAX,
         conns_per_node: config.aero_conns_per_node.max(1),
+        node_count: AtomicUsize::new(nodes.len()),
         nodes: Mutex::new(nodes),
         owner: Mutex::new(Arc::from(owner)),
         owner_gen: AtomicU64::new(0),
