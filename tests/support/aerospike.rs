@@ -182,7 +182,14 @@ impl AeroServer {
         assert!((1..=nodes).contains(&active), "1..=nodes active");
         let listeners: Vec<TcpListener> = (0..nodes)
             .map(|_| {
-                let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+                // A deep backlog: a client opening hundreds of connections at
+                // once must not overflow it while the accept loop sleeps.
+                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                    .expect("socket");
+                s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+                    .expect("bind 127.0.0.1:0");
+                s.listen(1024).expect("listen");
+                let l: TcpListener = s.into();
                 l.set_nonblocking(true).expect("nonblocking listener");
                 l
             })
