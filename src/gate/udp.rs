@@ -10,6 +10,10 @@ use socket2::SockAddr;
 /// Largest UDP payload (IPv4: 65535 − 8 − 20); a slot holds any datagram
 /// whole, so nothing is ever forwarded truncated.
 pub const SLOT_BYTES: usize = 65_536;
+/// Distance between slots: a power-of-two stride would put every slot's
+/// first bytes (the ones each packet touches) in the same cache sets, so
+/// a batch would evict itself; one extra cache line per slot spreads them.
+const SLOT_STRIDE: usize = SLOT_BYTES + 64 * 3;
 
 /// `recvmmsg` slots, allocated once. Holds raw pointers into its own boxes
 /// (which never move), so it is `!Send` and lives on its shard.
@@ -24,12 +28,13 @@ impl RecvBatch {
     /// `slots` datagrams per call (at least 1).
     pub fn new(slots: usize) -> Self {
         let slots = slots.max(1);
-        let mut bufs = vec![0u8; slots * SLOT_BYTES].into_boxed_slice();
+        let mut bufs = vec![0u8; slots * SLOT_STRIDE].into_boxed_slice();
         let base = bufs.as_mut_ptr();
         let mut iovs: Box<[libc::iovec]> = (0..slots)
             .map(|i| libc::iovec {
-                // SAFETY: `i * SLOT_BYTES` is inside `bufs` (slots * SLOT_BYTES long).
-                iov_base: unsafe { base.add(i * SLOT_BYTES) }.cast(),
+                // SAFETY: `i * SLOT_STRIDE + SLOT_BYTES` ≤ `bufs.len()`
+                // (slots * SLOT_STRIDE, and SLOT_STRIDE > SLOT_BYTES).
+                iov_base: unsafe { base.add(i * SLOT_STRIDE) }.cast(),
                 iov_len: SLOT_BYTES,
             })
             .collect();
@@ -103,7 +108,7 @@ impl RecvBatch {
     pub fn get(&self, i: usize) -> &[u8] {
         debug_assert!(i < self.filled);
         let len = (self.hdrs[i].msg_len as usize).min(SLOT_BYTES);
-        &self.bufs[i * SLOT_BYTES..i * SLOT_BYTES + len]
+        &self.bufs[i * SLOT_STRIDE..i * SLOT_STRIDE + len]
     }
 }
 
