@@ -27,6 +27,23 @@ fn engine_on(nodes: usize) -> (AeroServer, Engine) {
     (server, support::engine(4, backend))
 }
 
+/// Writes `n` keys tagged `tag` through the engine; returns how many the
+/// server had to proxy (sent to a node that does not master them).
+fn set_batch(server: &AeroServer, e: &Engine, tag: &str, n: usize) -> u64 {
+    use txgate::engine::{Op, Reply};
+    let before = server.proxied();
+    for i in 0..n {
+        let key = format!("{tag}:{i}").into_bytes();
+        let set = Op::Set {
+            key: key.clone(),
+            val: key.clone(),
+            ttl: Duration::from_secs(60),
+        };
+        assert_eq!(e.op_blocking(&key, set).unwrap(), Reply::Set);
+    }
+    server.proxied() - before
+}
+
 mod one_node {
     use super::*;
     fn make() -> (AeroServer, Engine) {
@@ -99,21 +116,8 @@ fn ops_go_to_their_partition_master_and_a_stale_map_costs_a_hop_not_an_error() {
 
 #[test]
 fn a_changed_partition_map_is_tended_and_ops_follow_it() {
-    use txgate::engine::{Op, Reply};
     let (server, e) = engine_on(3);
-    let batch = |tag: &str| {
-        let before = server.proxied();
-        for i in 0..60 {
-            let key = format!("{tag}:{i}").into_bytes();
-            let set = Op::Set {
-                key: key.clone(),
-                val: key.clone(),
-                ttl: Duration::from_secs(60),
-            };
-            assert_eq!(e.op_blocking(&key, set).unwrap(), Reply::Set);
-        }
-        server.proxied() - before
-    };
+    let batch = |tag: &str| set_batch(&server, &e, tag, 60);
     assert_eq!(batch("fresh"), 0);
     // The cluster moves its partitions (and bumps partition-generation).
     server.set_misroute(true);
@@ -131,7 +135,6 @@ fn a_changed_partition_map_is_tended_and_ops_follow_it() {
 
 #[test]
 fn a_node_that_joins_after_open_is_found_dialed_and_given_its_partitions() {
-    use txgate::engine::{Op, Reply};
     // Three nodes listen; two form the cluster at open, the third joins later.
     let server = AeroServer::start_partial(3, 2, "test");
     let backend = cache::open(&config(vec![server.seeds()[0].clone()])).expect("opens");
@@ -141,19 +144,7 @@ fn a_node_that_joins_after_open_is_found_dialed_and_given_its_partitions() {
     assert_eq!(a.node_ids().len(), 2, "two nodes at open");
     let handle = a.clone();
     let e = support::engine(2, backend);
-    let batch = |tag: &str| {
-        let before = server.proxied();
-        for i in 0..90 {
-            let key = format!("{tag}:{i}").into_bytes();
-            let set = Op::Set {
-                key: key.clone(),
-                val: key.clone(),
-                ttl: Duration::from_secs(60),
-            };
-            assert_eq!(e.op_blocking(&key, set).unwrap(), Reply::Set);
-        }
-        server.proxied() - before
-    };
+    let batch = |tag: &str| set_batch(&server, &e, tag, 90);
     assert_eq!(batch("before"), 0);
     assert_eq!(server.requests_to(2), 0, "the outsider serves nothing yet");
 

@@ -49,28 +49,29 @@ fn bad_flags_exit_2_naming_the_flag() {
     };
     usage_error(&["serve", "--listen", "127.0.0.1:0"], "--forward");
     usage_error(&["serve", "--forward", "127.0.0.1:9"], "--listen");
-    usage_error(&with(&["--steering", "sideways"]), "--steering");
-    usage_error(&with(&["--txid-len", "0"]), "--txid-len");
-    usage_error(&with(&["--txid-len", "65"]), "--txid-len");
-    usage_error(&with(&["--dedup-ttl", "soon"]), "--dedup-ttl");
-    usage_error(&with(&["--cores", "1-0"]), "--cores");
-    usage_error(&with(&["--admin", "nowhere"]), "--admin");
-    usage_error(
-        &with(&["--ingress-dedup-backend", "sqlite"]),
-        "--ingress-dedup-backend",
-    );
-    usage_error(
-        &with(&["--ingress-dedup-op-timeout", "fast"]),
-        "--ingress-dedup-op-timeout",
-    );
-    usage_error(
-        &with(&["--ingress-dedup-backend", "redis"]),
-        "--ingress-dedup-redis-addr",
-    );
-    usage_error(
-        &with(&["--multicast-interface", "eth0"]),
-        "--multicast-interface",
-    );
+    for (extra, flag) in [
+        (["--steering", "sideways"], "--steering"),
+        (["--txid-len", "0"], "--txid-len"),
+        (["--txid-len", "65"], "--txid-len"),
+        (["--dedup-ttl", "soon"], "--dedup-ttl"),
+        (["--cores", "1-0"], "--cores"),
+        (["--admin", "nowhere"], "--admin"),
+        (
+            ["--ingress-dedup-backend", "sqlite"],
+            "--ingress-dedup-backend",
+        ),
+        (
+            ["--ingress-dedup-op-timeout", "fast"],
+            "--ingress-dedup-op-timeout",
+        ),
+        (
+            ["--ingress-dedup-backend", "redis"],
+            "--ingress-dedup-redis-addr",
+        ),
+        (["--multicast-interface", "eth0"], "--multicast-interface"),
+    ] {
+        usage_error(&with(&extra), flag);
+    }
     usage_error(
         &["serve", "--listen", "127.0.0.1:0", "--forward", "127.0.0.1"],
         "--forward",
