@@ -600,3 +600,33 @@ mod tests {
         assert!(matches!(p.insert(b"aaaa"), PendingInsert::Full));
     }
 }
+/// A claim's future is moved at least once per novel claim (and becomes the
+/// task a gate spawns), so its size is hot-path cost: a cold path inlined in
+/// it once made every claim copy ~20 KB.
+#[cfg(test)]
+mod future_size {
+    use crate::cache::ShardBackend;
+
+    fn claim_size<'a, F: std::future::Future + 'a>(
+        _: impl FnOnce(&'a super::TxIdSet, &'a [u8]) -> F,
+    ) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    fn set_nx_size<'a, F: std::future::Future + 'a>(
+        _: impl FnOnce(&'a ShardBackend, &'a [u8]) -> F,
+    ) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn claim_and_set_nx_futures_stay_small() {
+        let set_nx = set_nx_size(|b, k| b.set_nx(k, k, std::time::Duration::ZERO));
+        let claim = claim_size(|s, t| s.claim(t));
+        assert!(
+            set_nx <= 1536,
+            "ShardBackend::set_nx future is {set_nx} bytes"
+        );
+        assert!(claim <= 3072, "TxIdSet::claim future is {claim} bytes");
+    }
+}

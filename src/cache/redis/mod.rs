@@ -246,7 +246,10 @@ impl Cluster {
             return Err(CallError::Disconnected);
         }
         self.dialing.borrow_mut().push(node.clone());
-        let dialed = self.dial_node(node).await;
+        // Boxed: the dial (TLS handshake included) is a cold path whose
+        // future is kilobytes; inline, every hot-path call would carry and
+        // copy it.
+        let dialed = Box::pin(self.dial_node(node)).await;
         self.dialing.borrow_mut().retain(|n| n != node);
         match dialed {
             Ok(p) => {
