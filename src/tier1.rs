@@ -40,6 +40,27 @@ pub const CAPACITY_MAX: usize = (u32::MAX - 1) as usize / 4 * 3;
 /// insert adds, so expiry keeps up without a background task.
 const SWEEP_PER_INSERT: usize = 2;
 
+/// How many inserts ahead the oldest entries' buckets are prefetched: far
+/// enough for a DRAM miss to land, near enough to stay in cache.
+const HEAD_LOOKAHEAD: usize = 8;
+
+/// A cache hint for `buf[at]`; a no-op off x86-64 and out of bounds.
+#[inline(always)]
+fn prefetch(buf: &[u8], at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(b) = buf.get(at) {
+        // SAFETY: a prefetch never faults and has no effect on memory; the
+        // pointer is in bounds anyway.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                (b as *const u8).cast(),
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (buf, at);
+}
+
 /// Why a tier-1 set could not be built.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Tier1Error {
@@ -118,6 +139,19 @@ impl Tier1 {
         }
     }
 
+    /// Starts loading the table line a coming [`Tier1::insert`] of `key`
+    /// will write, so a novel claim overlaps that DRAM miss with its
+    /// backend call instead of stalling on it afterwards. A hint only.
+    #[inline]
+    pub fn prefetch_insert(&self, key: &[u8]) {
+        let h = if key.len() == 16 && self.key_len == 16 {
+            self.hasher.hash16(key.first_chunk().expect("16-byte key"))
+        } else {
+            self.hasher.hash(key)
+        };
+        prefetch(&self.table, self.home(h) * self.stride);
+    }
+
     /// Inserts `key`; returns false when it was already present and fresh.
     /// Evicts the oldest entry when full.
     pub fn insert(&mut self, key: &[u8], now_ms: u32) -> bool {
@@ -148,7 +182,27 @@ impl Tier1 {
         self.write_u32(e + self.key_len + 4, slot as u32);
         self.ring[slot] = pos as u32;
         self.len += 1;
+        self.prefetch_head_ahead();
         true
+    }
+
+    /// Every insert reads the oldest entry (expiry check, eviction when
+    /// full): a random bucket, so a DRAM miss. Entries leave in ring order,
+    /// so the one a later insert will read is known now: start loading it.
+    #[inline]
+    fn prefetch_head_ahead(&self) {
+        if self.len <= HEAD_LOOKAHEAD {
+            return;
+        }
+        let mut slot = self.head + HEAD_LOOKAHEAD;
+        if slot >= self.ring.len() {
+            slot -= self.ring.len();
+        }
+        let pos = self.ring[slot];
+        if pos != EMPTY {
+            prefetch(&self.table, pos as usize * self.stride);
+            prefetch(&self.tags, pos as usize);
+        }
     }
 
     /// Removes up to `budget` expired entries from the oldest end; returns

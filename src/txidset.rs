@@ -277,6 +277,8 @@ impl TxIdSet {
             self.count(|c| c.seen += 1);
             return Claim::Done(Verdict::Suppress(Suppress::Seen));
         }
+        // Novel here: tier-1 will take it whatever the backend says.
+        self.tier1.borrow().prefetch_insert(txid);
         let Some(backend) = self.backend.borrow().clone() else {
             self.tier1
                 .borrow_mut()
