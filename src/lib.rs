@@ -7,6 +7,7 @@ pub mod clock;
 pub mod engine;
 pub mod framestore;
 pub mod gate;
+pub mod hugepages;
 pub mod metrics;
 pub mod pipeline;
 pub mod route;

@@ -4,6 +4,10 @@
 //! Exit codes: 0 success, 1 runtime failure (backend unreachable, engine
 //! failed to start, file not writable), 2 usage error (bad flag or value).
 
+/// Huge pages for tier-1 and the memory store (see `txgate::hugepages`).
+#[global_allocator]
+static ALLOC: txgate::hugepages::HugePageAlloc = txgate::hugepages::HugePageAlloc;
+
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
