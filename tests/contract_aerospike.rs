@@ -167,3 +167,33 @@ fn a_node_that_joins_after_open_is_found_dialed_and_given_its_partitions() {
         "the joined node masters partitions now"
     );
 }
+
+#[test]
+fn tending_keeps_its_info_connection_between_rounds() {
+    let server = AeroServer::start(1, "test");
+    let backend = cache::open(&config(server.seeds())).expect("opens");
+    let Some(txgate::cache::Backend::Aerospike(ref a)) = backend else {
+        panic!("an aerospike backend")
+    };
+    // Let the first tending round dial its connection, then watch three more.
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = server.connections_opened();
+    let rounds_before = a.tend_rounds();
+    support::wait_for("three more tending rounds", Duration::from_secs(10), || {
+        a.tend_rounds() >= rounds_before + 3
+    });
+    assert_eq!(
+        server.connections_opened(),
+        before,
+        "tending rounds {rounds_before}..{} opened connections",
+        a.tend_rounds()
+    );
+    // A dropped info connection is redialed once, not abandoned.
+    server.drop_connections();
+    let rounds = a.tend_rounds();
+    support::wait_for("two more tending rounds", Duration::from_secs(10), || {
+        a.tend_rounds() >= rounds + 2
+    });
+    assert_eq!(server.connections_opened(), before + 1);
+    drop(backend);
+}

@@ -330,6 +330,11 @@ impl AeroServer {
         self.shared.proxied.load(Ordering::Relaxed)
     }
 
+    /// Connections accepted so far, on all nodes, closed ones included.
+    pub fn connections_opened(&self) -> u64 {
+        self.shared.next_conn.load(Ordering::Relaxed)
+    }
+
     /// Current connections on all nodes.
     pub fn connections(&self) -> usize {
         lock(&self.shared.conns).len()

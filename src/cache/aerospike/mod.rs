@@ -78,6 +78,8 @@ struct Settings {
     /// as last tended; `owner_gen` counts the maps published.
     owner: Mutex<Arc<[u16]>>,
     owner_gen: AtomicU64,
+    /// Tending rounds completed (every node asked once).
+    tend_rounds: AtomicU64,
 }
 
 /// How often the tending thread polls `partition-generation` and
@@ -126,6 +128,12 @@ impl AerospikeBackend {
     /// Nodes found at open, by id.
     pub fn node_ids(&self) -> Vec<String> {
         nodes_of(&self.inner).iter().map(|n| n.id.clone()).collect()
+    }
+
+    /// Tending rounds completed since open: each asked every known node for
+    /// its generations.
+    pub fn tend_rounds(&self) -> u64 {
+        self.inner.tend_rounds.load(Ordering::Relaxed)
     }
 
     /// Dials shard `shard`'s connections to every node.
@@ -268,7 +276,15 @@ struct Seen {
 /// timeout per node and by [`codec::PEERS_MAX`] nodes; ends when the backend
 /// is dropped.
 fn tend(weak: Weak<Settings>, mut seen: Vec<Seen>) {
+    let conns = RefCell::new(InfoConns::default());
     loop {
+        // Connections only to the nodes we know (joined ones included).
+        if let Some(s) = weak.upgrade() {
+            let known = nodes_of(&s);
+            conns
+                .borrow_mut()
+                .keep_only(|a| known.iter().any(|n| n.addr == *a));
+        }
         let step = Duration::from_millis(50);
         let mut slept = Duration::ZERO;
         while slept < TEND_INTERVAL {
@@ -280,14 +296,7 @@ fn tend(weak: Weak<Settings>, mut seen: Vec<Seen>) {
         }
         let Some(s) = weak.upgrade() else { return };
         let ask = |addr: &SocketAddr, cmds: &[&str]| -> Option<codec::InfoPairs> {
-            let mut stream = StdTcpStream::connect_timeout(addr, s.dial_timeout).ok()?;
-            info_blocking(
-                &mut stream,
-                &addr.to_string(),
-                cmds,
-                Instant::now() + s.dial_timeout,
-            )
-            .ok()
+            conns.borrow_mut().ask(addr, cmds, s.dial_timeout)
         };
         let mut nodes = nodes_of(&s);
         let now: Vec<Seen> = nodes
@@ -302,6 +311,7 @@ fn tend(weak: Weak<Settings>, mut seen: Vec<Seen>) {
                 },
             )
             .collect();
+        s.tend_rounds.fetch_add(1, Ordering::Relaxed);
         if now == seen {
             continue;
         }
@@ -346,6 +356,50 @@ fn tend(weak: Weak<Settings>, mut seen: Vec<Seen>) {
             Ok(_) => tracing::debug!("tending: no node claims a partition; keeping the old map"),
             Err(e) => tracing::debug!(error = %e, "tending: bad replicas"),
         }
+    }
+}
+
+/// The tending thread's info connections, one per node address, kept
+/// between rounds: a server counts every connection opened, and a round a
+/// second should not open one per node each time.
+#[derive(Default)]
+struct InfoConns {
+    by_addr: Vec<(SocketAddr, StdTcpStream)>,
+}
+
+impl InfoConns {
+    /// One info round trip to `addr` within `timeout`: on the kept
+    /// connection, or a fresh one if there is none or the kept one failed
+    /// other than by timing out (a server restart or an idle close leaves
+    /// it dead; a node that stops answering is not redialed this round).
+    fn ask(
+        &mut self,
+        addr: &SocketAddr,
+        cmds: &[&str],
+        timeout: Duration,
+    ) -> Option<codec::InfoPairs> {
+        let text = addr.to_string();
+        if let Some(i) = self.by_addr.iter().position(|(a, _)| a == addr) {
+            let (_, mut stream) = self.by_addr.swap_remove(i);
+            match info_blocking(&mut stream, &text, cmds, Instant::now() + timeout) {
+                Ok(pairs) => {
+                    self.by_addr.push((*addr, stream));
+                    return Some(pairs);
+                }
+                Err(CacheError::DialTimeout { .. }) => return None,
+                Err(_) => {}
+            }
+        }
+        let mut stream = StdTcpStream::connect_timeout(addr, timeout).ok()?;
+        let pairs = info_blocking(&mut stream, &text, cmds, Instant::now() + timeout).ok()?;
+        if self.by_addr.len() < codec::PEERS_MAX {
+            self.by_addr.push((*addr, stream));
+        }
+        Some(pairs)
+    }
+
+    fn keep_only(&mut self, known: impl Fn(&SocketAddr) -> bool) {
+        self.by_addr.retain(|(a, _)| known(a));
     }
 }
 
@@ -775,6 +829,7 @@ pub fn open(config: &Config) -> Result<AerospikeBackend, CacheError> {
         nodes: Mutex::new(nodes),
         owner: Mutex::new(Arc::from(owner)),
         owner_gen: AtomicU64::new(0),
+        tend_rounds: AtomicU64::new(0),
     });
     let weak = Arc::downgrade(&inner);
     std::thread::Builder::new()
