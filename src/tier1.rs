@@ -44,21 +44,28 @@ const SWEEP_PER_INSERT: usize = 2;
 /// enough for a DRAM miss to land, near enough to stay in cache.
 const HEAD_LOOKAHEAD: usize = 8;
 
-/// A cache hint for `buf[at]`; a no-op off x86-64 and out of bounds.
+/// A cache hint for `buf[at]`; nothing out of bounds.
 #[inline(always)]
 fn prefetch(buf: &[u8], at: usize) {
-    #[cfg(target_arch = "x86_64")]
     if let Some(b) = buf.get(at) {
-        // SAFETY: a prefetch never faults and has no effect on memory; the
-        // pointer is in bounds anyway.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                (b as *const u8).cast(),
-            )
-        };
+        prefetch_line(b);
     }
+}
+
+/// Starts loading the cache line holding `*p` into all cache levels; a
+/// no-op off x86-64. A hint: never faults, changes nothing.
+#[inline(always)]
+pub(crate) fn prefetch_line<T>(p: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults and has no effect on memory; the
+    // pointer comes from a reference anyway.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+            (p as *const T).cast(),
+        )
+    };
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (buf, at);
+    let _ = p;
 }
 
 /// Why a tier-1 set could not be built.

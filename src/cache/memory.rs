@@ -41,6 +41,10 @@ const NO_DEADLINE: u64 = u64::MAX;
 /// Most keys a partition's table and FIFO are sized for up front (past it,
 /// they grow).
 const PRESIZE_KEYS_MAX: usize = 16 << 20;
+/// How many novel inserts ahead a full partition prefetches its eviction
+/// victim: far enough for the miss to land, near enough to stay cached.
+const EVICT_LOOKAHEAD: usize = 8;
+
 /// Stale tickets a FIFO may hold beyond one per live entry before it is
 /// compacted: compaction is O(len) and then waits for at least as many
 /// pushes, so it is O(1) per insert amortized and a FIFO stays within twice
@@ -333,7 +337,21 @@ impl Partition {
             self.evict(&victim, now_ms, counters);
         }
         self.insert_new(hash, key, val, deadline_ms);
+        self.prefetch_oldest_ahead();
         true
+    }
+
+    /// A full partition evicts its oldest entry on every novel insert: a
+    /// random bucket, so a DRAM miss. Tickets name the next ones now: start
+    /// loading the entry [`EVICT_LOOKAHEAD`] inserts ahead.
+    #[inline]
+    fn prefetch_oldest_ahead(&self) {
+        if self.is_full()
+            && let Some(t) = self.timed.get(EVICT_LOOKAHEAD)
+            && let Some(e) = self.table.get_bucket(t.bucket)
+        {
+            crate::tier1::prefetch_line(e);
+        }
     }
 
     fn set(
