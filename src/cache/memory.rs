@@ -32,6 +32,12 @@ use std::time::Duration;
 
 use hashbrown::HashTable;
 
+use crate::hugepages::Prefaulted;
+
+/// The partition's table: allocated once for its bound, every page faulted
+/// in at start-up (see [`Prefaulted`]).
+type Table = HashTable<Entry, Prefaulted>;
+
 use super::CacheError;
 use crate::clock;
 
@@ -190,7 +196,7 @@ struct First {
 }
 
 struct Partition {
-    table: HashTable<Entry>,
+    table: Table,
     hasher: ahash::RandomState,
     /// Tickets of entries with a deadline no earlier than the previous
     /// ticket's, so in (deadline, seq) order; stale ones included.
@@ -299,7 +305,7 @@ impl Partition {
         // entry at once, a multi-millisecond stall on the claim path.
         let presize = max_keys.min(PRESIZE_KEYS_MAX);
         Self {
-            table: HashTable::with_capacity(presize),
+            table: HashTable::with_capacity_in(presize, Prefaulted),
             hasher: ahash::RandomState::new(),
             timed: VecDeque::with_capacity(presize),
             timed_last_ms: 0,
@@ -561,7 +567,7 @@ impl Partition {
 
 /// `t`'s entry's deadline if it is still in the table (not removed or
 /// replaced since).
-fn live_deadline(table: &HashTable<Entry>, t: &Ticket) -> Option<u64> {
+fn live_deadline(table: &Table, t: &Ticket) -> Option<u64> {
     table
         .get_bucket(t.bucket)
         .filter(|e| e.seq == t.seq)
@@ -570,7 +576,7 @@ fn live_deadline(table: &HashTable<Entry>, t: &Ticket) -> Option<u64> {
 
 /// The first live ticket of `queue` and its entry's deadline, after popping
 /// the stale ones before it.
-fn live_front(queue: &mut VecDeque<Ticket>, table: &HashTable<Entry>) -> Option<(Ticket, u64)> {
+fn live_front(queue: &mut VecDeque<Ticket>, table: &Table) -> Option<(Ticket, u64)> {
     while let Some(&t) = queue.front() {
         if let Some(deadline_ms) = live_deadline(table, &t) {
             return Some((t, deadline_ms));
@@ -582,7 +588,7 @@ fn live_front(queue: &mut VecDeque<Ticket>, table: &HashTable<Entry>) -> Option<
 
 /// Appends `ticket`, first dropping the stale tickets if they have piled up
 /// (removals without a matching eviction or sweep).
-fn push_ticket(queue: &mut VecDeque<Ticket>, ticket: Ticket, table: &HashTable<Entry>) {
+fn push_ticket(queue: &mut VecDeque<Ticket>, ticket: Ticket, table: &Table) {
     if queue.len() >= 2 * table.len() + STALE_TICKETS_SLACK {
         queue.retain(|t| live_deadline(table, t).is_some());
     }
