@@ -617,13 +617,16 @@ fn run_serve(cmd: &mut Command, m: &ArgMatches, ingress: &cache::flags::CacheFla
         None => None,
     };
     eprintln!(
-        "txgate serve: listening on {} with {} shards, steering {}, {} store {}, forwarding to {}{}",
+        "txgate serve: listening on {} with {} shard{}, {}, {} store {}, forwarding to {}{}",
         gate.local_addr(),
         gate.shards(),
-        if gate.steering_active() {
-            "by the kernel (cBPF)"
+        if gate.shards() == 1 { "" } else { "s" },
+        if gate.shards() == 1 {
+            "no steering needed"
+        } else if gate.steering_active() {
+            "steering by the kernel (cBPF)"
         } else {
-            "by hand-over"
+            "steering by hand-over"
         },
         store_kind,
         if gate.store_connected() {
