@@ -151,12 +151,7 @@ impl Tier1 {
     /// backend call instead of stalling on it afterwards. A hint only.
     #[inline]
     pub fn prefetch_insert(&self, key: &[u8]) {
-        let h = if key.len() == 16 && self.key_len == 16 {
-            self.hasher.hash16(key.first_chunk().expect("16-byte key"))
-        } else {
-            self.hasher.hash(key)
-        };
-        prefetch(&self.table, self.home(h) * self.stride);
+        prefetch(&self.table, self.home(self.hasher.hash(key)) * self.stride);
     }
 
     /// Inserts `key`; returns false when it was already present and fresh.
@@ -440,9 +435,11 @@ impl Tier1 {
             let e = j * self.stride;
             let home = self.home(self.hasher.hash(&self.table[e..e + self.key_len]));
             // The entry may fill the hole iff the hole lies on its probe path
-            // (home ..= j), i.e. is no further from home than j is.
-            let d_hole = (hole + n - home) % n;
-            let d_j = (j + n - home) % n;
+            // (home ..= j), i.e. is no further from home than j is. Both
+            // distances wrap at most once: a compare, not a division.
+            let wrap = |d: usize| if d >= n { d - n } else { d };
+            let d_hole = wrap(hole + n - home);
+            let d_j = wrap(j + n - home);
             if d_hole < d_j {
                 let slot = self.slot_at(j);
                 self.table
