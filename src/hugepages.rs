@@ -82,6 +82,26 @@ unsafe impl GlobalAlloc for HugePageAlloc {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Prefaulted;
 
+/// Faults in every page of `[ptr, ptr + len)` by writing a zero to each.
+///
+/// # Safety
+/// The range must be writable memory owned by the caller, and zeros there
+/// must be acceptable (fresh or zeroed memory).
+pub(crate) unsafe fn fault_in(ptr: *mut u8, len: usize) {
+    if len == 0 {
+        return;
+    }
+    let mut at = 0;
+    while at < len {
+        // SAFETY: `at < len`, inside the caller's range; volatile so the
+        // touch is not elided.
+        unsafe { ptr.add(at).write_volatile(0) };
+        at += PAGE;
+    }
+    // SAFETY: as above; the last page may start after the last step.
+    unsafe { ptr.add(len - 1).write_volatile(0) };
+}
+
 // SAFETY: blocks come from and return to `Global` with the caller's layout;
 // the only writes are zeros into the block just allocated, before the
 // caller sees it.
@@ -92,17 +112,8 @@ unsafe impl Allocator for Prefaulted {
         if len >= HUGE_ALLOC_MIN {
             advise(ptr, len);
         }
-        if len > 0 {
-            let mut at = 0;
-            while at < len {
-                // SAFETY: `at < len`, inside the block we own; volatile so
-                // the touch is not elided.
-                unsafe { ptr.add(at).write_volatile(0) };
-                at += PAGE;
-            }
-            // SAFETY: as above; the last page may start after the last step.
-            unsafe { ptr.add(len - 1).write_volatile(0) };
-        }
+        // SAFETY: the block is ours, `len` bytes, not yet seen by the caller.
+        unsafe { fault_in(ptr, len) };
         Ok(block)
     }
 

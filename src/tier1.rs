@@ -458,11 +458,8 @@ impl Tier1 {
 /// the claim path (tens of MB per shard at the default capacity).
 fn prefaulted(len: usize) -> Box<[u8]> {
     let mut b = vec![0u8; len].into_boxed_slice();
-    // black_box hides the value, so the "redundant" zero stores stay.
-    let zero = std::hint::black_box(0u8);
-    for i in (0..len).step_by(4096) {
-        b[i] = zero;
-    }
+    // SAFETY: `b` is ours, `len` bytes, and already zero.
+    unsafe { crate::hugepages::fault_in(b.as_mut_ptr(), b.len()) };
     b
 }
 
