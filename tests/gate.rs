@@ -338,3 +338,61 @@ fn forwards_to_a_multicast_group_with_ttl_0_so_nothing_leaves_the_host() {
     let t = totals_after(&gate, 100);
     assert_eq!(t.forwarded, 50);
 }
+
+/// A shard whose socket is all it waits on blocks in `poll(2)` while traffic
+/// flows, and must still turn its reactor: under a stream that never pauses
+/// for a millisecond, its published counters (a reactor timer) keep moving,
+/// and it stops on request.
+#[test]
+fn a_shard_under_a_stream_without_pauses_keeps_publishing_and_stops() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let sink = Sink::start();
+    let gate = Gate::start(config(1, &sink)).unwrap();
+    let to = gate.local_addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let until = std::time::Instant::now() + Duration::from_secs(5);
+            let mut sent = 0u64;
+            while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < until {
+                tx.send_to(&datagram(&txid(sent % 1000), 0, b"s"), to)
+                    .unwrap();
+                sent += 1;
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            sent
+        })
+    };
+    // The shard publishes every 100 ms, so ten values take about a second of
+    // the 5 s stream; a reactor that turned only when the stream happened to
+    // pause for a millisecond showed them after 7 s.
+    let published = |gate: &Gate| gate.snapshots().iter().map(|s| s.received).sum::<u64>();
+    let mut values = vec![published(&gate)];
+    wait_for(
+        "ten published values mid-stream",
+        Duration::from_secs(10),
+        || {
+            let v = published(&gate);
+            if v > *values.last().unwrap() {
+                values.push(v);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+            values.len() > 10
+        },
+    );
+    assert!(
+        !sender.is_finished(),
+        "the stream was still flowing while the counters moved"
+    );
+    let first = *values.last().unwrap();
+    let summary = gate.shutdown();
+    stop.store(true, Ordering::Relaxed);
+    let sent = sender.join().unwrap();
+    assert!(summary.total.received >= first);
+    assert!(summary.total.received <= sent);
+    assert_eq!(summary.total.forwarded, 1000.min(summary.total.received));
+}

@@ -358,6 +358,7 @@ impl Gate {
             txid_len,
             batch: config.batch,
             drain_timeout,
+            socket_only: shards == 1 || steering_active,
         });
         let io = Arc::new(Mutex::new(io));
         let serving = {

@@ -27,6 +27,10 @@ pub(super) struct ShardPlan {
     pub batch: usize,
     /// How long a stopping shard waits for claims in flight.
     pub drain_timeout: Duration,
+    /// No datagram can be handed over to this shard (one shard, or kernel
+    /// steering): its socket is all it waits on while no claim is pending,
+    /// so it may wait for it in `poll(2)` (see [`GateShard::wait_for_datagrams`]).
+    pub socket_only: bool,
 }
 
 /// One shard's sockets and channels, built on the main thread.
@@ -75,6 +79,10 @@ const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 /// queue runs dry or its 100 ms preempt timer fires; a loop that always has
 /// packets never runs dry, so it steps aside this often.
 const REACTOR_EVERY: Duration = Duration::from_micros(100);
+/// Longest a shard blocks in `poll(2)` for its socket, and so the longest its
+/// reactor (timers, hand-overs from other threads) waits while traffic
+/// flows; a slice without a datagram hands the wait back to the reactor.
+const POLL_SLICE_MS: i32 = 1;
 
 /// Lets the shard's reactor run: a timer that is due almost at once leaves
 /// no task runnable, so glommio polls I/O before resuming us.
@@ -204,10 +212,9 @@ impl GateShard {
                 }
             };
             if n == 0 {
-                if !wait_readable(listen, stop).await {
+                if !self.wait_for_datagrams(listen, stop, &mut reactor_at).await {
                     return;
                 }
-                reactor_at = Instant::now();
                 continue;
             }
             let t0 = Instant::now();
@@ -237,18 +244,43 @@ impl GateShard {
                 .record_n(t0.elapsed().as_nanos() as u64, answered);
             self.flush(&mut out);
             if n < batch.capacity() {
-                // The queue was drained: wait for the next datagram (the wait
-                // looks once without blocking first) instead of a read that
-                // would come back empty.
-                if !wait_readable(listen, stop).await {
+                // The queue was drained: wait for the next datagram instead
+                // of a read that would come back empty.
+                if !self.wait_for_datagrams(listen, stop, &mut reactor_at).await {
                     return;
                 }
-                reactor_at = Instant::now();
             } else if t0.duration_since(reactor_at) >= REACTOR_EVERY {
                 step_aside().await;
                 reactor_at = Instant::now();
             }
         }
+    }
+
+    /// Waits until a datagram is queued; false on stop. A reactor sleep and
+    /// wake-up costs glommio several `io_uring_enter` calls and often a
+    /// `membarrier`, against one `poll(2)`: so while traffic flows and the
+    /// socket is all this shard waits on (no hand-overs can arrive, no claim
+    /// waits on the store), block in `poll` for up to a slice, and let the
+    /// reactor turn at least once a slice. A quiet slice hands the wait to
+    /// the reactor, so an idle shard sleeps as before.
+    async fn wait_for_datagrams(
+        &self,
+        listen: &glommio::net::UdpSocket,
+        stop: &flume::Receiver<()>,
+        reactor_at: &mut Instant,
+    ) -> bool {
+        if self.plan.socket_only && self.inflight.get() == 0 {
+            if reactor_at.elapsed() >= Duration::from_millis(POLL_SLICE_MS as u64) {
+                step_aside().await;
+                *reactor_at = Instant::now();
+            }
+            if self.inflight.get() == 0 && poll_readable(listen.as_raw_fd(), POLL_SLICE_MS) {
+                return true;
+            }
+        }
+        let readable = wait_readable(listen, stop).await;
+        *reactor_at = Instant::now();
+        readable
     }
 
     /// Hands `pkt` to its owner; waits while the owner's channel is full
@@ -364,6 +396,19 @@ impl GateShard {
         };
         *self.stats.lock().expect("not poisoned") = snap;
     }
+}
+
+/// Blocks the thread until `fd` is readable or `timeout_ms` passes; true when
+/// readable (an error reads as not: the reactor's wait takes over).
+fn poll_readable(fd: std::os::fd::RawFd, timeout_ms: i32) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, for the duration of the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    n == 1 && pfd.revents & libc::POLLIN != 0
 }
 
 /// Waits until a datagram is queued (a 1-byte peek, which leaves it there)
