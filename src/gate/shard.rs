@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use futures_lite::FutureExt;
 
-use super::udp::{RecvBatch, SendBatch};
+use super::udp::{RecvBatch, SendBatch, SendMode};
 use super::{ShardEnd, ShardSnapshot};
 use crate::engine::Shard;
 use crate::metrics::LatencyHistogram;
@@ -56,11 +56,35 @@ struct Counters {
     drain_forwarded: u64,
 }
 
+/// A forward target: its connected socket and how it takes a batch.
+struct Target {
+    sock: UdpSocket,
+    to: SocketAddr,
+    mode: Cell<SendMode>,
+}
+
+impl Target {
+    /// GSO for unicast targets until one refuses it; multicast one message
+    /// per datagram.
+    fn new((sock, to): (UdpSocket, SocketAddr)) -> Self {
+        let mode = if to.ip().is_multicast() {
+            SendMode::Plain
+        } else {
+            SendMode::Gso
+        };
+        Self {
+            sock,
+            to,
+            mode: Cell::new(mode),
+        }
+    }
+}
+
 struct GateShard {
     shard: Rc<Shard>,
     plan: Arc<ShardPlan>,
     shards: u32,
-    targets: Vec<(UdpSocket, SocketAddr)>,
+    targets: Vec<Target>,
     /// Emptied when the shard stops reading, so owners' hop loops can end.
     hop_txs: RefCell<Vec<flume::Sender<Box<[u8]>>>>,
     counters: Cell<Counters>,
@@ -98,7 +122,7 @@ pub(super) async fn serve(shard: Rc<Shard>, io: ShardIo, plan: Arc<ShardPlan>) -
         shards: shard.shards() as u32,
         shard,
         plan,
-        targets: io.targets,
+        targets: io.targets.into_iter().map(Target::new).collect(),
         hop_txs: RefCell::new(io.hop_txs),
         counters: Cell::new(Counters::default()),
         claim_latency: RefCell::new(LatencyHistogram::default()),
@@ -365,8 +389,13 @@ impl GateShard {
         if out.is_empty() {
             return;
         }
-        for (sock, to) in &self.targets {
-            let (sent, err) = out.send(sock.as_raw_fd());
+        for Target { sock, to, mode } in &self.targets {
+            let mut m = mode.get();
+            let (sent, err) = out.send(sock.as_raw_fd(), &mut m);
+            if m != mode.get() {
+                tracing::info!("forward target {to} refused UDP GSO: one message per datagram");
+                mode.set(m);
+            }
             if let Some(e) = err {
                 let failed = (out.len() - sent) as u64;
                 self.count(|c| c.forward_errors += failed);

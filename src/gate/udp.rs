@@ -1,6 +1,7 @@
 //! Batched datagram I/O: `recvmmsg` into fixed slots, `sendmmsg` of borrowed
-//! payloads. One syscall moves a whole batch, which is what keeps the gate's
-//! CPU per packet near a bare forwarder's.
+//! payloads, runs of equal-size payloads as UDP GSO messages. One syscall
+//! moves a whole batch, which is what keeps the gate's CPU per packet near a
+//! bare forwarder's.
 
 use std::io;
 use std::os::fd::RawFd;
@@ -112,12 +113,39 @@ impl RecvBatch {
     }
 }
 
+/// Longest run of equal-size payloads sent as one UDP GSO message: the
+/// kernel's `UDP_MAX_SEGMENTS` (64 before Linux 6.x raised it).
+const GSO_SEGMENTS_MAX: usize = 64;
+/// Most payload bytes in one GSO message (one IP datagram's worth, less
+/// headers, with room to spare for IPv6's).
+const GSO_BYTES_MAX: usize = 65_000;
+/// Largest payload sent by GSO: each segment must fit the path MTU, and
+/// 1452 fits IPv6 over a 1500-byte link. Larger payloads go one per message.
+const GSO_SEGMENT_MAX: usize = 1452;
+/// Room for one `UDP_SEGMENT` control message (CMSG_SPACE of a u16).
+type SegmentCmsg = [u64; 3];
+
+/// How a target takes a batch: UDP GSO for runs of equal-size payloads, or
+/// one message per payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendMode {
+    /// Runs of equal-size payloads (up to 64) go as one message that the
+    /// kernel segments: the stack is walked once per run, and a receiver on
+    /// the same core is woken once per run instead of once per datagram.
+    Gso,
+    /// One message per payload (a target that refused GSO, or multicast).
+    Plain,
+}
+
 /// A batch of outgoing payloads, sent to each target with one `sendmmsg`.
 /// Payloads are borrowed by pointer: fill, send, clear, all before the
 /// buffers they point into change.
 pub struct SendBatch {
     iovs: Vec<libc::iovec>,
     hdrs: Vec<libc::mmsghdr>,
+    /// Payloads each header carries (more than one: a GSO run).
+    counts: Vec<usize>,
+    cmsgs: Vec<SegmentCmsg>,
 }
 
 impl SendBatch {
@@ -126,6 +154,8 @@ impl SendBatch {
         Self {
             iovs: Vec::with_capacity(cap),
             hdrs: Vec::with_capacity(cap),
+            counts: Vec::with_capacity(cap),
+            cmsgs: Vec::with_capacity(cap),
         }
     }
 
@@ -153,47 +183,108 @@ impl SendBatch {
     pub fn clear(&mut self) {
         self.iovs.clear();
         self.hdrs.clear();
+        self.counts.clear();
     }
 
     /// Sends every queued payload through `fd`, a socket connected to its
     /// target (blocking with a send timeout, so a full send buffer is waited
     /// out, boundedly). Returns how many were sent; an error stops the batch.
-    pub fn send(&mut self, fd: RawFd) -> (usize, Option<io::Error>) {
-        self.send_with(fd, None)
+    /// A target that refuses GSO gets the rest one message per payload, and
+    /// `mode` turns [`SendMode::Plain`] so later batches skip the attempt.
+    pub fn send(&mut self, fd: RawFd, mode: &mut SendMode) -> (usize, Option<io::Error>) {
+        if *mode == SendMode::Gso {
+            let (sent, err) = self.send_from(fd, None, 0, true);
+            match err {
+                Some(e) if gso_refused(&e) => {
+                    *mode = SendMode::Plain;
+                    let (more, err) = self.send_from(fd, None, sent, false);
+                    (sent + more, err)
+                }
+                err => (sent, err),
+            }
+        } else {
+            self.send_from(fd, None, 0, false)
+        }
     }
 
-    /// [`SendBatch::send`] on an unconnected socket, to `to`.
+    /// [`SendBatch::send`] on an unconnected socket, to `to`, one message
+    /// per payload.
     pub fn send_to(&mut self, fd: RawFd, to: &SockAddr) -> (usize, Option<io::Error>) {
-        self.send_with(fd, Some(to))
+        self.send_from(fd, Some(to), 0, false)
     }
 
-    fn send_with(&mut self, fd: RawFd, to: Option<&SockAddr>) -> (usize, Option<io::Error>) {
+    /// Lays out one header per payload, or per run of equal-size payloads
+    /// with `gso`, from payload `from` on.
+    fn build(&mut self, to: Option<&SockAddr>, from: usize, gso: bool) {
         self.hdrs.clear();
-        for iov in &mut self.iovs {
+        self.counts.clear();
+        let n = self.iovs.len();
+        // Sized before any pointer into it is taken: it must not move.
+        self.cmsgs.clear();
+        self.cmsgs.resize(n.saturating_sub(from), [0; 3]);
+        let mut i = from;
+        while i < n {
+            let size = self.iovs[i].iov_len;
+            let mut k = 1;
+            if gso && size > 0 && size <= GSO_SEGMENT_MAX {
+                let cap = GSO_SEGMENTS_MAX.min(GSO_BYTES_MAX / size);
+                while i + k < n && k < cap && self.iovs[i + k].iov_len == size {
+                    k += 1;
+                }
+            }
             // SAFETY: an all-zero msghdr is valid; the fields set below point
-            // at `to` and at `iov`, both alive for the call.
+            // at `to`, at iovecs `i..i + k` and at this header's cmsg slot,
+            // all alive and unmoved until the send returns.
             let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
             if let Some(to) = to {
                 h.msg_hdr.msg_name = to.as_ptr() as *mut libc::c_void;
                 h.msg_hdr.msg_namelen = to.len();
             }
-            h.msg_hdr.msg_iov = iov;
-            h.msg_hdr.msg_iovlen = 1;
+            h.msg_hdr.msg_iov = &mut self.iovs[i];
+            h.msg_hdr.msg_iovlen = k;
+            if k > 1 {
+                let slot = &mut self.cmsgs[self.hdrs.len()];
+                h.msg_hdr.msg_control = slot.as_mut_ptr() as *mut libc::c_void;
+                // SAFETY: CMSG_* only compute sizes and offsets within `slot`,
+                // which holds CMSG_SPACE(2) bytes (checked by a test).
+                unsafe {
+                    h.msg_hdr.msg_controllen = libc::CMSG_SPACE(2) as usize;
+                    let c = libc::CMSG_FIRSTHDR(&h.msg_hdr);
+                    (*c).cmsg_level = libc::SOL_UDP;
+                    (*c).cmsg_type = libc::UDP_SEGMENT;
+                    (*c).cmsg_len = libc::CMSG_LEN(2) as usize;
+                    std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut u16, size as u16);
+                }
+            }
             self.hdrs.push(h);
+            self.counts.push(k);
+            i += k;
         }
+    }
+
+    /// Sends payloads `from..`; returns how many of them went.
+    fn send_from(
+        &mut self,
+        fd: RawFd,
+        to: Option<&SockAddr>,
+        from: usize,
+        gso: bool,
+    ) -> (usize, Option<io::Error>) {
+        self.build(to, from, gso);
+        let mut done = 0;
         let mut sent = 0;
         let mut eintr = 0;
         // A connected socket reports an earlier ICMP port-unreachable on
         // the next send, which then sends nothing: retry that once.
         let mut refused = 0;
-        while sent < self.hdrs.len() {
-            // SAFETY: headers `sent..` are initialised above and point at
-            // live iovecs and at `to`.
+        while done < self.hdrs.len() {
+            // SAFETY: headers `done..` were laid out by `build` and point at
+            // live iovecs, cmsg slots and `to`.
             let n = unsafe {
                 libc::sendmmsg(
                     fd,
-                    self.hdrs.as_mut_ptr().add(sent),
-                    (self.hdrs.len() - sent) as libc::c_uint,
+                    self.hdrs.as_mut_ptr().add(done),
+                    (self.hdrs.len() - done) as libc::c_uint,
                     0,
                 )
             };
@@ -212,10 +303,21 @@ impl SendBatch {
             if n == 0 {
                 break;
             }
-            sent += n as usize;
+            sent += self.counts[done..done + n as usize].iter().sum::<usize>();
+            done += n as usize;
         }
         (sent, None)
     }
+}
+
+/// Errors with which a target says it cannot take GSO at all (no
+/// `UDP_SEGMENT`, no checksum offload on its route, a segment over its
+/// MTU): its datagrams then go one message each.
+fn gso_refused(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT | libc::EOPNOTSUPP)
+    )
 }
 
 #[cfg(test)]
@@ -248,7 +350,8 @@ mod tests {
         let conn = UdpSocket::bind("127.0.0.1:0").unwrap();
         conn.connect(rx.local_addr().unwrap()).unwrap();
         out.push(b"connected");
-        assert_eq!(out.send(conn.as_raw_fd()).0, 1);
+        let mut mode = SendMode::Gso;
+        assert_eq!(out.send(conn.as_raw_fd(), &mut mode).0, 1);
         out.clear();
 
         let mut batch = RecvBatch::new(4);
@@ -266,5 +369,118 @@ mod tests {
         want.push(b"connected".to_vec());
         assert_eq!(got, want);
         assert_eq!(batch.recv(rx.as_raw_fd()).unwrap(), 0, "nothing left");
+    }
+
+    fn receive_all(rx: &UdpSocket, want: usize) -> Vec<Vec<u8>> {
+        let mut batch = RecvBatch::new(16);
+        let mut got: Vec<Vec<u8>> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while got.len() < want && Instant::now() < deadline {
+            let n = batch.recv(rx.as_raw_fd()).unwrap();
+            got.extend((0..n).map(|i| batch.get(i).to_vec()));
+            if n == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        got
+    }
+
+    /// Runs of 64-byte, 700-byte and 10-byte payloads around ones too big
+    /// for GSO, each payload numbered so order and boundaries show.
+    fn mixed_payloads() -> Vec<Vec<u8>> {
+        let numbered = |i: usize, len: usize| {
+            let mut p = vec![(i % 251) as u8; len];
+            p[..2].copy_from_slice(&(i as u16).to_be_bytes());
+            p
+        };
+        let lens = std::iter::repeat_n(64, 100)
+            .chain(std::iter::repeat_n(700, 3))
+            .chain([65_507, 2_000, 2_000])
+            .chain(std::iter::repeat_n(10, 70))
+            .chain([64]);
+        lens.enumerate().map(|(i, len)| numbered(i, len)).collect()
+    }
+
+    fn set_socket_int(sock: &UdpSocket, name: libc::c_int, value: libc::c_int) {
+        // SAFETY: an int option on a socket we own.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                name,
+                &value as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+    }
+
+    /// Sends `payloads` as one batch starting in GSO mode; the mode after.
+    fn send_batch(tx: &UdpSocket, payloads: &[Vec<u8>]) -> SendMode {
+        let mut out = SendBatch::with_capacity(8);
+        for p in payloads {
+            out.push(p);
+        }
+        let mut mode = SendMode::Gso;
+        let (sent, err) = out.send(tx.as_raw_fd(), &mut mode);
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(sent, payloads.len());
+        mode
+    }
+
+    fn connected_pair() -> (UdpSocket, UdpSocket) {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        set_socket_int(&rx, libc::SO_RCVBUF, 8 << 20);
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.connect(rx.local_addr().unwrap()).unwrap();
+        (tx, rx)
+    }
+
+    #[test]
+    fn gso_groups_runs_of_equal_size_and_nothing_else() {
+        assert!(std::mem::size_of::<SegmentCmsg>() >= unsafe { libc::CMSG_SPACE(2) } as usize);
+        let payloads = mixed_payloads();
+        let mut out = SendBatch::with_capacity(8);
+        for p in &payloads {
+            out.push(p);
+        }
+        out.build(None, 0, true);
+        // 100 × 64 B: 64 + 36; 3 × 700 B: one run; too big for GSO: one
+        // each; 70 × 10 B: 64 + 6; the last 64 B alone.
+        assert_eq!(out.counts, [64, 36, 3, 1, 1, 1, 64, 6, 1]);
+        out.build(None, 10, true);
+        assert_eq!(out.counts, [64, 26, 3, 1, 1, 1, 64, 6, 1]);
+        out.build(None, 0, false);
+        assert_eq!(out.counts, vec![1; payloads.len()]);
+    }
+
+    #[test]
+    fn gso_batches_arrive_as_the_same_datagrams_in_order() {
+        let (tx, rx) = connected_pair();
+        let payloads = mixed_payloads();
+        assert_eq!(
+            send_batch(&tx, &payloads),
+            SendMode::Gso,
+            "loopback takes GSO"
+        );
+        let got = receive_all(&rx, payloads.len());
+        assert_eq!(
+            got, payloads,
+            "one datagram per payload, unchanged, in order"
+        );
+    }
+
+    #[test]
+    fn a_socket_that_refuses_gso_gets_every_datagram_one_by_one() {
+        let (tx, rx) = connected_pair();
+        // The kernel refuses GSO on a socket that skips UDP checksums.
+        set_socket_int(&tx, libc::SO_NO_CHECK, 1);
+        let payloads = mixed_payloads();
+        assert_eq!(
+            send_batch(&tx, &payloads),
+            SendMode::Plain,
+            "the refusal is remembered"
+        );
+        assert_eq!(receive_all(&rx, payloads.len()), payloads);
     }
 }
