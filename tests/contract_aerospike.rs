@@ -60,6 +60,25 @@ mod three_nodes {
     contract_suite!(make);
 }
 
+/// The same suite against a real Aerospike server, run by hand (none can be
+/// installed on these machines; the README says which one was used):
+/// `TXGATE_AERO_REAL=HOST:PORT[,HOST:PORT] cargo nextest run --test
+/// contract_aerospike --run-ignored only real_server` (namespace `test`,
+/// which must allow TTLs).
+mod real_server {
+    use super::*;
+    fn make() -> ((), Engine) {
+        let hosts = std::env::var("TXGATE_AERO_REAL").expect(
+            "set TXGATE_AERO_REAL=HOST:PORT[,HOST:PORT] (a real server with namespace `test`) \
+             to run the contract suite against it",
+        );
+        let seeds = hosts.split(',').map(str::to_owned).collect();
+        let backend = cache::open(&config(seeds)).expect("the real server opens");
+        ((), support::engine(4, backend))
+    }
+    contract_suite!(make, #[ignore = "needs a real Aerospike server: TXGATE_AERO_REAL=HOST:PORT"]);
+}
+
 #[test]
 fn open_finds_every_node_from_one_seed() {
     let server = AeroServer::start(3, "test");
@@ -196,4 +215,61 @@ fn tending_keeps_its_info_connection_between_rounds() {
     });
     assert_eq!(server.connections_opened(), before + 1);
     drop(backend);
+}
+
+/// A real server reads `partition-generation` -1 for a second or two after
+/// it starts, until its cluster forms, and answers writes UNAVAILABLE even
+/// once `replicas` lists its partitions: `open` asks again within the dial
+/// timeout rather than fail or take that map, and names the state when the
+/// cluster is still forming at the deadline.
+#[test]
+fn open_waits_within_the_dial_timeout_for_a_forming_cluster() {
+    use txgate::engine::{Op, Reply};
+    let server = AeroServer::start(1, "test");
+    server.set_forming(true);
+    let seeds = server.seeds();
+    let opening = std::thread::spawn(move || cache::open(&config(seeds)));
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(
+        !opening.is_finished(),
+        "open returned while the cluster was forming (every write would be UNAVAILABLE)"
+    );
+    server.set_forming(false);
+    let backend = opening
+        .join()
+        .unwrap()
+        .expect("opens once the cluster has formed");
+    let e = support::engine(1, backend);
+    let set = Op::SetNx {
+        key: b"formed".to_vec(),
+        val: b"v".to_vec(),
+        ttl: Duration::from_secs(60),
+    };
+    assert_eq!(e.op_blocking(b"formed", set).unwrap(), Reply::SetNx(true));
+
+    server.set_forming(true);
+    let mut c = config(server.seeds());
+    c.dial_timeout = Duration::from_millis(300);
+    match cache::open(&c) {
+        Err(cache::CacheError::Config(m)) => {
+            assert!(m.contains("still forming"), "{m}");
+        }
+        Err(other) => panic!("wrong error: {other}"),
+        Ok(_) => panic!("opened a cluster that masters nothing"),
+    }
+}
+
+/// A record over the server's `max-record-size` (1 MiB) is refused by
+/// name, not as a bare number.
+#[test]
+fn a_record_over_the_size_limit_fails_with_its_name() {
+    use txgate::engine::Op;
+    let (_server, e) = engine_on(1);
+    let set = Op::Set {
+        key: b"too-big".to_vec(),
+        val: vec![7u8; (1 << 20) + 1],
+        ttl: Duration::from_secs(60),
+    };
+    let err = e.op_blocking(b"too-big", set).unwrap_err().to_string();
+    assert!(err.contains("RECORD_TOO_BIG"), "{err}");
 }

@@ -28,7 +28,12 @@
 //!   with the null particle is removed; ops other than WRITE → 4;
 //! - record TTL: `0xFFFFFFFF` never expires; `0` = the namespace default,
 //!   which here is "never" (`default-ttl 0`); `0xFFFFFFFE` keeps the current
-//!   expiry; more than 10 years → 4; else whole seconds;
+//!   expiry; more than 10 years → 4; else whole seconds, counted as the real
+//!   server counts them: the void time is the current whole second plus the
+//!   TTL, and a record expires once the clock's whole second passes it, so
+//!   it lives between TTL and TTL + 1 s;
+//! - a record over 1 MiB (bins and their names; the real server's
+//!   `max-record-size` default and ceiling) → 13 (RECORD_TOO_BIG);
 //! - delete (info2 WRITE|DELETE) → 0 when a live record was removed, else 2;
 //! - read (info1 READ) → 2 when absent, else 0 with the bins named by READ
 //!   ops (all with GET_ALL, none with GET_NO_BINS); a read never touches the
@@ -41,16 +46,23 @@
 //! `features`, `partitions` (4096), `namespaces`, `service-clear-std`;
 //! anything else is answered `ERROR:4:not supported` (the notes' form
 //! `ERROR:<code>:<msg>`). An unparseable frame closes the connection.
+//! While [`set_forming`] is on, `partition-generation` is -1 and every record
+//! request is answered 11 (UNAVAILABLE) while `replicas` already lists each
+//! node's partitions: the last phase of a real server's first second or two
+//! (Community Edition 8.1 lists no namespace, then the namespace with no
+//! partitions, then this, until its cluster forms and the generation reads
+//! 0).
 //!
 //! Fault knobs (atomics, flip them while traffic flows): [`set_delay`],
 //! [`drop_connections`], [`set_key_busy`], [`set_forbidden_ttl`],
-//! [`set_misroute`]. [`requests`] counts record requests (not info).
+//! [`set_misroute`], [`set_forming`]. [`requests`] counts record requests (not info).
 //!
 //! [`set_delay`]: AeroServer::set_delay
 //! [`drop_connections`]: AeroServer::drop_connections
 //! [`set_key_busy`]: AeroServer::set_key_busy
 //! [`set_forbidden_ttl`]: AeroServer::set_forbidden_ttl
 //! [`set_misroute`]: AeroServer::set_misroute
+//! [`set_forming`]: AeroServer::set_forming
 //! [`requests`]: AeroServer::requests
 
 use std::collections::HashMap;
@@ -73,6 +85,8 @@ const POLL: Duration = Duration::from_millis(50);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest record TTL the server accepts (10 years).
 const TTL_MAX_S: u32 = 10 * 365 * 24 * 3600;
+/// The real server's `max-record-size` default (also its ceiling).
+const RECORD_BYTES_MAX: usize = 1 << 20;
 /// 2010-01-01 UTC in Unix seconds: the epoch of reply expirations.
 const CITRUSLEAF_EPOCH: u64 = 1_262_304_000;
 /// The cluster name every node reports.
@@ -100,7 +114,8 @@ impl Record {
         self.expires_at.is_none_or(|t| t > now)
     }
 
-    /// Seconds since 2010-01-01 UTC, 0 = never.
+    /// Seconds since 2010-01-01 UTC, 0 = never: the last whole second in
+    /// which the record is still live (it expires as the next one begins).
     fn void_time(&self, now: Instant) -> u32 {
         let Some(at) = self.expires_at else {
             return 0;
@@ -109,8 +124,20 @@ impl Record {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             + at.saturating_duration_since(now);
-        (unix.as_secs().saturating_sub(CITRUSLEAF_EPOCH)).min(u64::from(u32::MAX)) as u32
+        let last = unix.saturating_sub(Duration::from_millis(500)).as_secs();
+        (last.saturating_sub(CITRUSLEAF_EPOCH)).min(u64::from(u32::MAX)) as u32
     }
+}
+
+/// How long a record written now with a TTL of `ttl_s` stays live on a real
+/// server: its void time is the current whole second plus the TTL, and it
+/// expires when the clock's whole second passes that, so it lives between
+/// `ttl_s` and `ttl_s + 1` seconds.
+fn expiry_delay(ttl_s: u64) -> Duration {
+    let wall = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    Duration::from_secs(wall.as_secs() + ttl_s + 1) - wall
 }
 
 struct Shared {
@@ -127,6 +154,7 @@ struct Shared {
     key_busy: AtomicBool,
     forbidden_ttl: AtomicBool,
     misroute: AtomicBool,
+    forming: AtomicBool,
     partition_generation: AtomicU32,
     requests: AtomicU64,
     /// Record requests per node.
@@ -210,6 +238,7 @@ impl AeroServer {
             key_busy: AtomicBool::new(false),
             forbidden_ttl: AtomicBool::new(false),
             misroute: AtomicBool::new(false),
+            forming: AtomicBool::new(false),
             partition_generation: AtomicU32::new(1),
             requests: AtomicU64::new(0),
             node_requests: (0..nodes).map(|_| AtomicU64::new(0)).collect(),
@@ -314,6 +343,17 @@ impl AeroServer {
     /// [`proxied`](Self::proxied).
     pub fn set_misroute(&self, on: bool) {
         if self.shared.misroute.swap(on, Ordering::SeqCst) != on {
+            self.shared
+                .partition_generation
+                .fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// While on, the cluster is forming: `partition-generation` reads -1 and
+    /// record requests answer UNAVAILABLE; turning it off bumps the
+    /// generation.
+    pub fn set_forming(&self, on: bool) {
+        if self.shared.forming.swap(on, Ordering::SeqCst) && !on {
             self.shared
                 .partition_generation
                 .fetch_add(1, Ordering::SeqCst);
@@ -504,6 +544,9 @@ type Bins = Vec<(Vec<u8>, u8, Vec<u8>)>;
 /// Executes one record request: `(result code, generation, expiration, bins)`.
 fn handle(shared: &Shared, node: usize, req: &ParsedRequest) -> (u8, u32, u32, Bins) {
     let fail = |code: u8| (code, 0, 0, Vec::new());
+    if shared.forming.load(Ordering::SeqCst) {
+        return fail(ResultCode::UNAVAILABLE.0);
+    }
     if req.namespace.as_deref() != Some(shared.namespace.as_bytes()) {
         return fail(NAMESPACE_NOT_FOUND);
     }
@@ -553,7 +596,7 @@ fn handle(shared: &Shared, node: usize, req: &ParsedRequest) -> (u8, u32, u32, B
         let expires_at = match ttl {
             0 | REQUEST_TTL_NEVER => None,
             REQUEST_TTL_KEEP => existing.and_then(|r| r.expires_at),
-            s => Some(now + Duration::from_secs(u64::from(s))),
+            s => Some(now + expiry_delay(u64::from(s))),
         };
         let replace = req.is_create_or_replace() || req.is_replace_only();
         let mut bins: Bins = match existing {
@@ -566,6 +609,10 @@ fn handle(shared: &Shared, node: usize, req: &ParsedRequest) -> (u8, u32, u32, B
             if op.particle_type != PARTICLE_NULL {
                 bins.push((name.to_vec(), op.particle_type, op.value.clone()));
             }
+        }
+        let size: usize = bins.iter().map(|(n, _, v)| n.len() + v.len()).sum();
+        if size > RECORD_BYTES_MAX {
+            return fail(ResultCode::RECORD_TOO_BIG.0);
         }
         let generation = existing.map_or(1, |r| r.generation.wrapping_add(1));
         let record = Record {
@@ -616,6 +663,7 @@ fn info_value(shared: &Shared, node: usize, command: &str) -> String {
     let ns = &shared.namespace;
     match command {
         "node" => Shared::node_id(node),
+        "partition-generation" if shared.forming.load(Ordering::SeqCst) => "-1".to_owned(),
         "partition-generation" => shared
             .partition_generation
             .load(Ordering::SeqCst)

@@ -143,6 +143,12 @@ impl ResultCode {
     pub const RECORD_EXISTS: Self = Self(5);
     /// The server's transaction deadline passed.
     pub const TIMEOUT: Self = Self(9);
+    /// The partition cannot take the transaction now (e.g. a cluster still
+    /// forming).
+    pub const UNAVAILABLE: Self = Self(11);
+    /// The record is over the namespace's `max-record-size` (default and
+    /// ceiling 1 MiB).
+    pub const RECORD_TOO_BIG: Self = Self(13);
     /// Too many transactions queued on one hot key.
     pub const KEY_BUSY: Self = Self(14);
     /// Refused by configuration; for a write with a TTL, typically a
@@ -151,17 +157,36 @@ impl ResultCode {
     /// An Enterprise-only feature asked of Community Edition (e.g. durable delete).
     pub const ENTERPRISE_ONLY: Self = Self(25);
 
-    /// The name of a code this module knows, `None` for any other.
+    /// The server's name for a code (`as/include/base/proto.h`), `None` for
+    /// codes past the ones a key-value client can meet.
     pub fn name(self) -> Option<&'static str> {
-        Some(match self {
-            Self::OK => "OK",
-            Self::NOT_FOUND => "NOT_FOUND",
-            Self::PARAMETER => "PARAMETER",
-            Self::RECORD_EXISTS => "RECORD_EXISTS",
-            Self::TIMEOUT => "TIMEOUT",
-            Self::KEY_BUSY => "KEY_BUSY",
-            Self::FORBIDDEN => "FORBIDDEN",
-            Self::ENTERPRISE_ONLY => "ENTERPRISE_ONLY",
+        Some(match self.0 {
+            0 => "OK",
+            1 => "UNKNOWN",
+            2 => "NOT_FOUND",
+            3 => "GENERATION",
+            4 => "PARAMETER",
+            5 => "RECORD_EXISTS",
+            6 => "BIN_EXISTS",
+            7 => "CLUSTER_KEY_MISMATCH",
+            8 => "OUT_OF_SPACE",
+            9 => "TIMEOUT",
+            11 => "UNAVAILABLE",
+            12 => "INCOMPATIBLE_TYPE",
+            13 => "RECORD_TOO_BIG",
+            14 => "KEY_BUSY",
+            16 => "UNSUPPORTED_FEATURE",
+            17 => "BIN_NOT_FOUND",
+            18 => "DEVICE_OVERLOAD",
+            19 => "KEY_MISMATCH",
+            20 => "NAMESPACE",
+            21 => "BIN_NAME",
+            22 => "FORBIDDEN",
+            25 => "ENTERPRISE_ONLY",
+            26 => "OP_NOT_APPLICABLE",
+            27 => "FILTERED_OUT",
+            28 => "LOST_CONFLICT",
+            32 => "XDR_KEY_BUSY",
             _ => return None,
         })
     }
@@ -1448,9 +1473,11 @@ mod tests {
     fn result_codes_display_their_names() {
         assert_eq!(ResultCode::RECORD_EXISTS.to_string(), "RECORD_EXISTS (5)");
         assert_eq!(ResultCode(22).to_string(), "FORBIDDEN (22)");
+        assert_eq!(ResultCode(13).to_string(), "RECORD_TOO_BIG (13)");
         assert_eq!(ResultCode(25).to_string(), "ENTERPRISE_ONLY (25)");
         assert_eq!(ResultCode(200).to_string(), "result code 200");
-        assert_eq!(ResultCode(1).name(), None);
+        assert_eq!(ResultCode(1).name(), Some("UNKNOWN"));
+        assert_eq!(ResultCode(10).name(), None);
     }
 
     #[test]

@@ -315,6 +315,12 @@ fn tend(weak: Weak<Settings>, mut seen: Vec<Seen>) {
         if now == seen {
             continue;
         }
+        // A cluster re-forming (a node reads -1) keeps the map it had; the
+        // next round, with `seen` unchanged, looks again.
+        if now.iter().any(|g| g.partitions.as_deref() == Some("-1")) {
+            tracing::debug!("tending: the cluster is forming; keeping the old map");
+            continue;
+        }
         let peers_changed = now
             .iter()
             .zip(seen.iter().chain(std::iter::repeat(&Seen::default())))
@@ -673,8 +679,14 @@ fn value<'a>(pairs: &'a codec::InfoPairs, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
+/// How often `open` asks again while the cluster is still forming.
+const FORMING_RETRY: Duration = Duration::from_millis(100);
+
 /// Dials the seeds and learns the cluster within the dial timeout; fails
-/// closed with a specific error.
+/// closed with a specific error. A cluster that lists the namespace but
+/// masters none of its partitions yet (a server a second after start: its
+/// `partition-generation` is -1 until the cluster forms) is asked again
+/// until the dial timeout.
 pub fn open(config: &Config) -> Result<AerospikeBackend, CacheError> {
     let namespace = config
         .aero_namespace
@@ -686,6 +698,40 @@ pub fn open(config: &Config) -> Result<AerospikeBackend, CacheError> {
         return Err(CacheError::Config("aerospike needs seed hosts".into()));
     }
     let deadline = Instant::now() + config.dial_timeout;
+    loop {
+        match discover(config, &namespace, deadline)? {
+            Discovery::Cluster(nodes, gens, owner) => {
+                return start(config, namespace, bin, nodes, gens, owner);
+            }
+            Discovery::Forming(found) => {
+                if Instant::now() + FORMING_RETRY >= deadline {
+                    return Err(CacheError::Config(format!(
+                        "namespace '{namespace}' is not served by any of the {found} node(s) \
+                         found: the cluster was still forming after the dial timeout ({} ms)",
+                        config.dial_timeout.as_millis()
+                    )));
+                }
+                std::thread::sleep(FORMING_RETRY);
+            }
+        }
+    }
+}
+
+/// What one pass over the seeds found.
+enum Discovery {
+    /// Nodes, their generations and the partition owners.
+    Cluster(Vec<Node>, Vec<Seen>, Box<[u16]>),
+    /// This many nodes answered, none masters a partition of the namespace,
+    /// and their cluster is still forming (a node reads
+    /// `partition-generation` -1, or lists the namespace with no partitions).
+    Forming(usize),
+}
+
+/// One pass: dials the seeds and the peers they name, reads each node's id,
+/// generations and masters.
+fn discover(config: &Config, namespace: &str, deadline: Instant) -> Result<Discovery, CacheError> {
+    // Whether the namespace's partitions may yet appear: see `Forming`.
+    let mut listed = false;
     let mut nodes: Vec<Node> = Vec::new();
     let mut gens: Vec<Seen> = Vec::new();
     let mut owner = vec![u16::MAX; codec::PARTITIONS].into_boxed_slice();
@@ -767,15 +813,22 @@ pub fn open(config: &Config) -> Result<AerospikeBackend, CacheError> {
             });
             continue;
         }
+        // A node whose cluster is still forming reads -1 here; it lists the
+        // namespace with no partitions, or not at all, or already with its
+        // partitions while still answering writes UNAVAILABLE (seen on CE
+        // 8.1): its map is not used until the generation moves on.
+        let forming = value(&pairs, "partition-generation") == Some("-1");
+        listed |= forming;
         let index = nodes.len() as u16;
         nodes.push(Node { id, addr });
         gens.push(Seen {
             partitions: value(&pairs, "partition-generation").map(str::to_owned),
             peers: value(&pairs, "peers-generation").map(str::to_owned),
         });
-        if let Some(replicas) = value(&pairs, "replicas") {
-            match codec::parse_replicas_masters(replicas, &namespace) {
+        if let Some(replicas) = value(&pairs, "replicas").filter(|_| !forming) {
+            match codec::parse_replicas_masters(replicas, namespace) {
                 Ok(Some(masters)) => {
+                    listed = true;
                     for (p, &m) in masters.iter().enumerate() {
                         if m {
                             owner[p] = index;
@@ -812,11 +865,26 @@ pub fn open(config: &Config) -> Result<AerospikeBackend, CacheError> {
         );
     }
     if owner.iter().all(|&o| o == u16::MAX) {
+        if listed {
+            return Ok(Discovery::Forming(nodes.len()));
+        }
         return Err(CacheError::Config(format!(
             "namespace '{namespace}' is not served by any of the {} node(s) found",
             nodes.len()
         )));
     }
+    Ok(Discovery::Cluster(nodes, gens, owner))
+}
+
+/// Publishes what `open` found and starts tending it.
+fn start(
+    config: &Config,
+    namespace: String,
+    bin: BinName,
+    nodes: Vec<Node>,
+    gens: Vec<Seen>,
+    owner: Box<[u16]>,
+) -> Result<AerospikeBackend, CacheError> {
     let inner = Arc::new(Settings {
         namespace,
         set: config.aero_set.clone(),
