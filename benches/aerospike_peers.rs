@@ -72,6 +72,10 @@ struct Cli {
     /// CPU our test server runs on (without --hosts)
     #[arg(long, default_value_t = 1)]
     server_core: usize,
+    /// With --hosts: the PID of a server on this machine, whose CPU is then
+    /// reported as for our test server (pin it to --server-core yourself)
+    #[arg(long, requires = "hosts")]
+    server_pid: Option<u32>,
     /// Pin nothing
     #[arg(long)]
     no_pin: bool,
@@ -366,8 +370,9 @@ fn bench(cli: Cli) -> Result<(), Failure> {
         warmup_ops: cli.warmup_ops,
         runs: cli.runs,
         core: (!cli.no_pin).then_some(cli.core),
-        server_core: (own_server && !cli.no_pin).then_some(cli.server_core),
-        server_pid: server.as_ref().map(|s| s.child.id()),
+        server_core: ((own_server && !cli.no_pin) || cli.server_pid.is_some())
+            .then_some(cli.server_core),
+        server_pid: server.as_ref().map(|s| s.child.id()).or(cli.server_pid),
         op_timeout: Duration::from_millis(cli.op_timeout_ms),
         ttl_s: cli.ttl_s,
         official_workers: cli.official_workers,
