@@ -219,9 +219,12 @@ impl SendBatch {
         self.hdrs.clear();
         self.counts.clear();
         let n = self.iovs.len();
-        // Sized before any pointer into it is taken: it must not move.
+        // Sized before any pointer into it is taken: it must not move. Only
+        // GSO runs (k > 1 below) use a slot.
         self.cmsgs.clear();
-        self.cmsgs.resize(n.saturating_sub(from), [0; 3]);
+        if gso {
+            self.cmsgs.resize(n.saturating_sub(from), [0; 3]);
+        }
         let mut i = from;
         while i < n {
             let size = self.iovs[i].iov_len;
