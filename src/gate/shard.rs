@@ -298,7 +298,7 @@ impl GateShard {
                 step_aside().await;
                 *reactor_at = Instant::now();
             }
-            if self.inflight.get() == 0 && poll_readable(listen.as_raw_fd(), POLL_SLICE_MS) {
+            if poll_readable(listen.as_raw_fd(), POLL_SLICE_MS) {
                 return true;
             }
         }
