@@ -82,6 +82,10 @@ struct Cli {
     /// txgate's connections per node to run [default: 1 and the default of --aero-conns-per-node]
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u64).range(1..=64))]
     txgate_conns: Vec<u64>,
+    /// txgate's pauses before reading more replies to run, in microseconds
+    /// (--aero-reply-gather; 0 reads at once) [default: the default of --aero-reply-gather]
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    txgate_gather_us: Vec<u64>,
     /// Skip the official client (txgate rows only)
     #[arg(long)]
     no_official: bool,
@@ -326,9 +330,21 @@ fn bench(cli: Cli) -> Result<(), Failure> {
     };
     conns.sort_unstable();
     conns.dedup();
+    let mut gathers: Vec<u64> = if cli.txgate_gather_us.is_empty() {
+        vec![peers::default_gather_us()]
+    } else {
+        cli.txgate_gather_us.clone()
+    };
+    gathers.sort_unstable();
+    gathers.dedup();
     let mut clients: Vec<Client> = conns
         .iter()
-        .map(|&n| Client::Txgate { conns_per_node: n })
+        .flat_map(|&n| {
+            gathers.iter().map(move |&g| Client::Txgate {
+                conns_per_node: n,
+                gather_us: g,
+            })
+        })
         .collect();
     if !cli.no_official {
         clients.push(Client::Official);

@@ -65,7 +65,19 @@ pub struct PipelineConfig {
     /// client and server work at the same time instead of taking turns.
     pub reply_chunk_min: usize,
     pub reply_chunk_max: usize,
+    /// After a pass that handed out replies with at least
+    /// [`GATHER_MIN_INFLIGHT`] requests still in flight, the next read waits
+    /// this long (zero: read as soon as bytes arrive). A server that answers
+    /// pipelined requests one by one, as they complete (Aerospike), would
+    /// otherwise cost a sleep and a wake-up of the shard per reply; a pause
+    /// lets several replies gather. Writes are not held back.
+    pub reply_gather: Duration,
 }
+
+/// Requests that must remain in flight for a pause before the next read
+/// (see [`PipelineConfig::reply_gather`]): with fewer, each wait would save
+/// little and delay every one of them.
+pub const GATHER_MIN_INFLIGHT: usize = 4;
 
 impl Default for PipelineConfig {
     fn default() -> Self {
@@ -78,6 +90,7 @@ impl Default for PipelineConfig {
             dead_after: Duration::from_secs(1),
             reply_chunk_min: 4,
             reply_chunk_max: 64,
+            reply_gather: Duration::ZERO,
         }
     }
 }
@@ -117,6 +130,8 @@ pub struct PipelineCounters {
     pub connects: u64,
     /// Write syscalls that carried requests (batching shows as calls / flushes).
     pub flushes: u64,
+    /// Reads that returned bytes (replies / reads: replies per wake-up).
+    pub reads: u64,
 }
 
 impl PipelineCounters {
@@ -130,6 +145,7 @@ impl PipelineCounters {
         self.disconnects += o.disconnects;
         self.connects += o.connects;
         self.flushes += o.flushes;
+        self.reads += o.reads;
     }
 }
 
@@ -461,6 +477,9 @@ async fn run<P: Protocol, S: AsyncRead + AsyncWrite + Unpin>(
     // Set after a write: streams that buffer (TLS) need a flush to put
     // their records on the wire; plain TCP's flush is a no-op.
     let mut unflushed = false;
+    // Armed after a pass that handed out replies (see
+    // `PipelineConfig::reply_gather`); no read until it fires.
+    let mut gather: Option<glommio::timer::Timer> = None;
     poll_fn(|cx| {
         let mut st = state.borrow_mut();
         if st.closed {
@@ -538,6 +557,13 @@ async fn run<P: Protocol, S: AsyncRead + AsyncWrite + Unpin>(
                 start = 0;
                 filled = 0;
             }
+            if handed > 0
+                && gather.is_none()
+                && !config.reply_gather.is_zero()
+                && st.fifo.len() >= GATHER_MIN_INFLIGHT
+            {
+                gather = Some(glommio::timer::Timer::new(config.reply_gather));
+            }
             if handed == chunk {
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
@@ -554,10 +580,20 @@ async fn run<P: Protocol, S: AsyncRead + AsyncWrite + Unpin>(
                     return Poll::Ready(io::Error::other("reply larger than the read bound"));
                 }
             }
+            if let Some(t) = gather.as_mut() {
+                if Pin::new(t).poll(cx).is_pending() {
+                    if !progress {
+                        return Poll::Pending;
+                    }
+                    continue;
+                }
+                gather = None;
+            }
             match Pin::new(&mut stream).poll_read(cx, &mut rbuf[filled..]) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(io::ErrorKind::UnexpectedEof.into()),
                 Poll::Ready(Ok(n)) => {
                     filled += n;
+                    st.counters.reads += 1;
                     progress = true;
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(e),
@@ -700,6 +736,59 @@ mod tests {
                 "writes were batched: {} flushes",
                 c.flushes
             );
+        });
+    }
+
+    #[test]
+    fn replies_answered_one_by_one_are_gathered_into_few_reads() {
+        let (addr, _) = server();
+        crate::engine::run_local(async move {
+            let mut cfg = config(5000, 64);
+            cfg.reply_gather = Duration::from_millis(5);
+            let p = Rc::new(Pipeline::<Lines>::connect(Dial(addr), cfg).await.unwrap());
+            // The server answers each line 1 ms after the previous one: read
+            // at once, every reply would take a read of its own.
+            let tasks: Vec<_> = (0..64)
+                .map(|i| {
+                    let p = p.clone();
+                    glommio::spawn_local(async move {
+                        let want = format!("sleep:1:req-{i}");
+                        assert_eq!(p.call(line(&want)).await.unwrap(), want);
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await;
+            }
+            let c = p.counters();
+            assert_eq!(c.replies, 64);
+            assert!(c.reads <= 20, "{} reads for 64 replies", c.reads);
+        });
+    }
+
+    #[test]
+    fn fewer_than_four_in_flight_are_never_held_back() {
+        let (addr, _) = server();
+        crate::engine::run_local(async move {
+            let mut cfg = config(1000, 64);
+            // Far past the op timeout: a held reply would time out.
+            cfg.reply_gather = Duration::from_secs(30);
+            let p = Rc::new(Pipeline::<Lines>::connect(Dial(addr), cfg).await.unwrap());
+            let _sweep = sweeper(&p);
+            for round in 0..5 {
+                let tasks: Vec<_> = (0..GATHER_MIN_INFLIGHT)
+                    .map(|i| {
+                        let p = p.clone();
+                        glommio::spawn_local(async move {
+                            let want = format!("sleep:1:r{round}-{i}");
+                            p.call(line(&want)).await.map(|got| assert_eq!(got, want))
+                        })
+                    })
+                    .collect();
+                for t in tasks {
+                    assert_eq!(t.await, Ok(()));
+                }
+            }
         });
     }
 

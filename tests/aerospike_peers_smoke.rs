@@ -22,8 +22,14 @@ const WARMUP_OPS: u64 = 300;
 fn both_clients_write_every_op_at_every_depth_and_the_report_names_each_row() {
     let server = AeroServer::start(3, NS);
     let clients = vec![
-        Client::Txgate { conns_per_node: 1 },
-        Client::Txgate { conns_per_node: 2 },
+        Client::Txgate {
+            conns_per_node: 1,
+            gather_us: peers::default_gather_us(),
+        },
+        Client::Txgate {
+            conns_per_node: 2,
+            gather_us: 0,
+        },
         Client::Official,
     ];
     let plan = Plan {
@@ -126,9 +132,13 @@ fn both_clients_write_every_op_at_every_depth_and_the_report_names_each_row() {
 
     let summary = peers::summarize(&results, plan.default_conns);
     let table = peers::table(&summary, &plan.depths);
+    let default_row = format!(
+        "txgate 1 conn/node, gather {}us (default)",
+        peers::default_gather_us()
+    );
     for label in [
-        "txgate 1 conn/node (default)",
-        "txgate 2 conns/node",
+        default_row.as_str(),
+        "txgate 2 conns/node, gather 0us",
         "official client",
     ] {
         assert!(

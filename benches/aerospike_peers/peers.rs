@@ -45,17 +45,25 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The client side of one row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Client {
-    /// txgate's backend with this many connections per node (one shard).
-    Txgate { conns_per_node: usize },
+    /// txgate's backend with this many connections per node (one shard),
+    /// pausing this many microseconds before reading more replies
+    /// (`--aero-reply-gather`).
+    Txgate {
+        conns_per_node: usize,
+        gather_us: u64,
+    },
     /// The official Rust client's async API.
     Official,
 }
 
 impl Client {
-    /// Short id for JSON and command lines: `txgate-c1`, `official`.
+    /// Short id for JSON and command lines: `txgate-c1-g30`, `official`.
     pub fn id(self) -> String {
         match self {
-            Self::Txgate { conns_per_node } => format!("txgate-c{conns_per_node}"),
+            Self::Txgate {
+                conns_per_node,
+                gather_us,
+            } => format!("txgate-c{conns_per_node}-g{gather_us}"),
             Self::Official => "official".to_owned(),
         }
     }
@@ -63,14 +71,28 @@ impl Client {
     /// Name for the table.
     pub fn label(self, default_conns: usize) -> String {
         match self {
-            Self::Txgate { conns_per_node: n } => format!(
-                "txgate {n} conn{}/node{}",
+            Self::Txgate {
+                conns_per_node: n,
+                gather_us: g,
+            } => format!(
+                "txgate {n} conn{}/node, gather {g}us{}",
                 if n == 1 { "" } else { "s" },
-                if n == default_conns { " (default)" } else { "" }
+                if n == default_conns && g == default_gather_us() {
+                    " (default)"
+                } else {
+                    ""
+                }
             ),
             Self::Official => "official client".to_owned(),
         }
     }
+}
+
+/// txgate's default `--aero-reply-gather`, in microseconds.
+pub fn default_gather_us() -> u64 {
+    txgate::cache::Config::default()
+        .aero_reply_gather
+        .as_micros() as u64
 }
 
 /// When a measured phase ends.
@@ -178,6 +200,8 @@ pub const DISTURBED_SHARE: f64 = 0.10;
 pub struct RunResult {
     pub client: String,
     pub conns_per_node: Option<usize>,
+    /// txgate's reply gather in microseconds (`None`: the official client).
+    pub reply_gather_us: Option<u64>,
     pub depth: usize,
     pub round: u32,
     /// Writes completed in the measured phase (created + exists + errors).
@@ -225,6 +249,8 @@ pub struct Summary {
     pub client: String,
     pub label: String,
     pub conns_per_node: Option<usize>,
+    /// txgate's reply gather in microseconds (`None`: the official client).
+    pub reply_gather_us: Option<u64>,
     pub depth: usize,
     pub runs: usize,
     pub ops_per_sec: f64,
@@ -356,7 +382,10 @@ pub fn run_one(
         settle: plan.settle,
     };
     let m = match client {
-        Client::Txgate { conns_per_node } => run_txgate(&spec, conns_per_node)?,
+        Client::Txgate {
+            conns_per_node,
+            gather_us,
+        } => run_txgate(&spec, conns_per_node, gather_us)?,
         Client::Official => run_official(&spec, plan.official_workers)?,
     };
     Ok(m.into_result(client, depth, round))
@@ -497,8 +526,12 @@ impl Measured {
         let own_ms = (cpu_user_ns + cpu_sys_ns) as f64 / 1e6;
         RunResult {
             client: client.id(),
+            reply_gather_us: match client {
+                Client::Txgate { gather_us, .. } => Some(gather_us),
+                Client::Official => None,
+            },
             conns_per_node: match client {
-                Client::Txgate { conns_per_node } => Some(conns_per_node),
+                Client::Txgate { conns_per_node, .. } => Some(conns_per_node),
                 Client::Official => None,
             },
             depth,
@@ -662,7 +695,7 @@ fn process_cpu_ms(pid: u32) -> Option<f64> {
 
 // ---------------------------------------------------------------- txgate
 
-fn run_txgate(spec: &Spec, conns_per_node: usize) -> Result<Measured, String> {
+fn run_txgate(spec: &Spec, conns_per_node: usize, gather_us: u64) -> Result<Measured, String> {
     use txgate::cache::{BackendKind, Config};
     let config = Config {
         backend: BackendKind::Aerospike,
@@ -671,6 +704,7 @@ fn run_txgate(spec: &Spec, conns_per_node: usize) -> Result<Measured, String> {
         aero_set: spec.set.clone(),
         aero_bin: BIN.to_owned(),
         aero_conns_per_node: conns_per_node,
+        aero_reply_gather: Duration::from_micros(gather_us),
         dial_timeout: Duration::from_secs(2),
         op_timeout: spec.op_timeout,
         ..Config::default()
@@ -937,7 +971,10 @@ pub fn summarize(results: &[RunResult], default_conns: usize) -> Vec<Summary> {
     let mut groups: BTreeMap<(usize, Client), Vec<&RunResult>> = BTreeMap::new();
     for r in results {
         let client = match r.conns_per_node {
-            Some(n) => Client::Txgate { conns_per_node: n },
+            Some(n) => Client::Txgate {
+                conns_per_node: n,
+                gather_us: r.reply_gather_us.unwrap_or_else(default_gather_us),
+            },
             None => Client::Official,
         };
         groups.entry((r.depth, client)).or_default().push(r);
@@ -950,6 +987,7 @@ pub fn summarize(results: &[RunResult], default_conns: usize) -> Vec<Summary> {
                 client: client.id(),
                 label: client.label(default_conns),
                 conns_per_node: rs[0].conns_per_node,
+                reply_gather_us: rs[0].reply_gather_us,
                 depth,
                 runs: rs.len(),
                 ops_per_sec: m(&|r| Some(r.ops_per_sec)).unwrap_or(0.0),
@@ -999,9 +1037,13 @@ fn ratios(
 
 /// The issue's targets, at every measured depth.
 pub fn targets(s: &[Summary], depths: &[usize], default_conns: usize) -> Vec<Target> {
-    let one = Client::Txgate { conns_per_node: 1 };
+    let one = Client::Txgate {
+        conns_per_node: 1,
+        gather_us: default_gather_us(),
+    };
     let default = Client::Txgate {
         conns_per_node: default_conns,
+        gather_us: default_gather_us(),
     };
     let mut out = Vec::new();
     let mut cpu_rows = vec![one];
@@ -1062,7 +1104,7 @@ fn fmt_share(v: Option<f64>) -> String {
 pub fn table(s: &[Summary], depths: &[usize]) -> String {
     let mut t = String::new();
     t.push_str(&format!(
-        "{:>5}  {:<30} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>6} {:>6}\n",
+        "{:>5}  {:<42} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>6} {:>6}\n",
         "depth",
         "client",
         "ops/s",
@@ -1082,7 +1124,7 @@ pub fn table(s: &[Summary], depths: &[usize]) -> String {
         }
         last = Some(x.depth);
         t.push_str(&format!(
-            "{:>5}  {:<30} {:>10} {:>9} {:>9} {:>9} {:>9.2} {:>9} {:>6} {:>6} {:>6}\n",
+            "{:>5}  {:<42} {:>10} {:>9} {:>9} {:>9} {:>9.2} {:>9} {:>6} {:>6} {:>6}\n",
             x.depth,
             x.label,
             fmt_rate(x.ops_per_sec),
@@ -1097,15 +1139,24 @@ pub fn table(s: &[Summary], depths: &[usize]) -> String {
             x.errors
         ));
     }
-    let mut txgates: Vec<(usize, String)> = s
+    let mut txgates: Vec<(Client, String)> = s
         .iter()
-        .filter_map(|x| x.conns_per_node.map(|n| (n, x.label.clone())))
+        .filter_map(|x| {
+            let gather_us = x.reply_gather_us?;
+            x.conns_per_node.map(|n| {
+                let c = Client::Txgate {
+                    conns_per_node: n,
+                    gather_us,
+                };
+                (c, x.label.clone())
+            })
+        })
         .collect();
     txgates.sort();
     txgates.dedup();
     if !txgates.is_empty() && s.iter().any(|x| x.conns_per_node.is_none()) {
         t.push_str("\ntxgate / official client (medians):\n");
-        t.push_str(&format!("{:<38}", ""));
+        t.push_str(&format!("{:<48}", ""));
         for d in depths {
             t.push_str(&format!(" {:>9}", format!("depth {d}")));
         }
@@ -1117,10 +1168,9 @@ pub fn table(s: &[Summary], depths: &[usize]) -> String {
             ),
             ("CPU/op", |x: &Summary| x.cpu_us_per_op),
         ] {
-            for (n, label) in &txgates {
-                t.push_str(&format!("{:<38}", format!("{what:<7} {label}")));
+            for &(c, ref label) in &txgates {
+                t.push_str(&format!("{:<48}", format!("{what:<7} {label}")));
                 for &d in depths {
-                    let c = Client::Txgate { conns_per_node: *n };
                     let cell = match (find(s, c, d), find(s, Client::Official, d)) {
                         (Some(a), Some(b)) if f(b) > 0.0 => format!("{:.2}x", f(a) / f(b)),
                         _ => "n/a".to_owned(),
@@ -1261,7 +1311,10 @@ pub fn clients_json(plan: &Plan) -> serde_json::Value {
                     looping ShardBackend::set_nx(key, value, ttl) (CREATE_ONLY write)",
             "settings": {
                 "aero_conns_per_node": plan.clients.iter().filter_map(|c| match c {
-                    Client::Txgate { conns_per_node } => Some(*conns_per_node), _ => None }).collect::<Vec<_>>(),
+                    Client::Txgate { conns_per_node, .. } => Some(*conns_per_node), _ => None }).collect::<Vec<_>>(),
+                "aero_reply_gather_us": plan.clients.iter().filter_map(|c| match c {
+                    Client::Txgate { gather_us, .. } => Some(*gather_us), _ => None }).collect::<Vec<_>>(),
+                "aero_reply_gather_us_default": default_gather_us(),
                 "aero_conns_per_node_default": plan.default_conns,
                 "op_timeout_ms": plan.op_timeout.as_millis() as u64,
                 "dial_timeout_ms": 2000,

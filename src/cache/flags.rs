@@ -8,8 +8,8 @@ use std::time::Duration;
 use clap::{Arg, ArgAction, ArgMatches, Command};
 
 use super::{
-    BackendKind, Config, DIAL_TIMEOUT_DEFAULT, MEMORY_MAX_KEYS_DEFAULT, OP_TIMEOUT_DEFAULT,
-    REDIS_INFLIGHT_MAX_DEFAULT,
+    AERO_REPLY_GATHER_DEFAULT, BackendKind, Config, DIAL_TIMEOUT_DEFAULT, MEMORY_MAX_KEYS_DEFAULT,
+    OP_TIMEOUT_DEFAULT, REDIS_INFLIGHT_MAX_DEFAULT,
 };
 use crate::units::parse_duration;
 
@@ -166,6 +166,13 @@ pub fn register_flags(cmd: Command, flag_prefix: &str, env_prefix: &str) -> (Com
                 .help("Aerospike connections per node per shard (the server serves one request per connection at a time)"),
         )
         .arg(
+            f.arg("aero-reply-gather")
+                .value_name("DURATION")
+                .value_parser(parse_duration)
+                .default_value(format!("{}us", AERO_REPLY_GATHER_DEFAULT.as_micros()))
+                .help("Pause before reading more Aerospike replies while 4 or more requests are in flight, so one wake-up takes several (0: read at once; below the op timeout)"),
+        )
+        .arg(
             f.arg("dial-timeout")
                 .value_name("DURATION")
                 .value_parser(parse_duration)
@@ -282,6 +289,7 @@ impl CacheFlags {
             aero_conns_per_node: *m
                 .get_one::<u64>(&self.id("aero-conns-per-node"))
                 .expect("has a default") as usize,
+            aero_reply_gather: d("aero-reply-gather"),
             dial_timeout: d("dial-timeout"),
             op_timeout: d("op-timeout"),
         };
@@ -296,6 +304,16 @@ impl CacheFlags {
                     problem: "must be greater than zero".into(),
                 });
             }
+        }
+        if backend == BackendKind::Aerospike && config.aero_reply_gather >= config.op_timeout {
+            return Err(FlagError::Invalid {
+                flag: self.flag("aero-reply-gather"),
+                env: self.env("aero-reply-gather"),
+                problem: format!(
+                    "{:?} must be below the op timeout ({:?}): replies would wait past it",
+                    config.aero_reply_gather, config.op_timeout
+                ),
+            });
         }
         // Any TLS file means TLS.
         config.redis_tls |= config.redis_tls_ca_file.is_some()
@@ -400,6 +418,53 @@ mod tests {
         assert!(e.contains("--ingress-dedup-op-timeout"), "{e}");
         let e = parse(&["--ingress-dedup-op-timeout", "0"]).unwrap_err();
         assert!(e.contains("--ingress-dedup-op-timeout"), "{e}");
+    }
+
+    #[test]
+    fn reply_gather_is_a_duration_below_the_op_timeout() {
+        let aero = [
+            "--ingress-dedup-backend",
+            "aerospike",
+            "--ingress-dedup-aero-hosts",
+            "a:3000",
+            "--ingress-dedup-aero-namespace",
+            "ns",
+        ];
+        let with =
+            |extra: &[&'static str]| parse(&aero.iter().chain(extra).copied().collect::<Vec<_>>());
+        assert_eq!(
+            with(&[]).unwrap().aero_reply_gather,
+            Duration::from_micros(30)
+        );
+        let c = with(&["--ingress-dedup-aero-reply-gather", "0"]).unwrap();
+        assert_eq!(c.aero_reply_gather, Duration::ZERO);
+        let c = with(&["--ingress-dedup-aero-reply-gather", "100us"]).unwrap();
+        assert_eq!(c.aero_reply_gather, Duration::from_micros(100));
+        let e = with(&["--ingress-dedup-aero-reply-gather", "soon"]).unwrap_err();
+        assert!(e.contains("--ingress-dedup-aero-reply-gather"), "{e}");
+        let e = with(&[
+            "--ingress-dedup-aero-reply-gather",
+            "50ms",
+            "--ingress-dedup-op-timeout",
+            "50ms",
+        ])
+        .unwrap_err();
+        assert!(e.contains("--ingress-dedup-aero-reply-gather"), "{e}");
+        assert!(
+            e.contains("TXGATE_TEST_INGRESS_DEDUP_AERO_REPLY_GATHER"),
+            "{e}"
+        );
+        assert!(e.contains("below the op timeout"), "{e}");
+        // Other backends never read it: no error for them.
+        assert!(
+            parse(&[
+                "--ingress-dedup-aero-reply-gather",
+                "50ms",
+                "--ingress-dedup-op-timeout",
+                "50ms"
+            ])
+            .is_ok()
+        );
     }
 
     #[test]
