@@ -380,9 +380,10 @@ fn notes(results: &[peers::RunResult], startup_cpu_ns: Option<u64>, ops64: u64) 
          histogram bucket upper bounds (~0.8 %)."
             .to_owned(),
         "CPU us/op: user + sys of the peer's process on the client core divided by its ops. \
-         txgate and redis-benchmark: the whole process (wait4), start-up and shutdown \
-         included; redis-rs and fred: getrusage(RUSAGE_SELF) over the measured phase only \
-         (the whole-process figure is in the JSON: process_cpu_us_per_op)."
+         txgate, redis-rs and fred: getrusage(RUSAGE_SELF) over the measured phase only \
+         (txgate's own figure from its bench JSON); redis-benchmark: the whole process \
+         (wait4), start-up and shutdown included. Every peer's whole-process figure is in \
+         the JSON: process_cpu_us_per_op."
             .to_owned(),
         "srv us/op: redis-server's own CPU (INFO used_cpu_user + used_cpu_sys) over the \
          child's lifetime, per op."
@@ -402,7 +403,8 @@ fn notes(results: &[peers::RunResult], startup_cpu_ns: Option<u64>, ops64: u64) 
             .min();
         n.push(format!(
             "txgate's fixed cost (a 1-claim run: start-up, connect, shutdown) is {:.1} ms of \
-             CPU{}; it is included in its CPU us/op, not subtracted.",
+             CPU{}; its CPU us/op leaves it out (measured phase), process_cpu_us_per_op in \
+             the JSON has it.",
             s as f64 / 1e6,
             tx64.map_or(String::new(), |t| format!(
                 " = {:.1} % of a depth-64 run of {ops64} claims",
