@@ -301,63 +301,77 @@ impl TxIdSet {
                 return Claim::Done(Verdict::Forward(Forward::FailOpen));
             }
         };
-        let mut claim = NovelClaim {
+        let seq = self.claim_seq.get() + 1;
+        self.claim_seq.set(seq);
+        Claim::Novel(NovelClaim {
             pending: self.pending.clone(),
             slot,
             backend,
-            key: [0; KEY_MAX],
-            key_len: 0,
-            value: [0; VALUE_MAX],
-            value_len: 0,
-        };
-        let key_len = self.key_prefix.len() + txid.len();
-        claim.key[..self.key_prefix.len()].copy_from_slice(&self.key_prefix);
-        claim.key[self.key_prefix.len()..key_len].copy_from_slice(txid);
-        claim.key_len = key_len;
-        let seq = self.claim_seq.get() + 1;
-        self.claim_seq.set(seq);
-        // `instance:shard:seq`, composed without the formatting machinery
-        // (it costs more than the rest of the novel-claim path).
+            seq,
+        })
+    }
+
+    /// The claim's store key, `prefix ‖ txid`, into `buf`; its length.
+    fn key_of(&self, claim: &NovelClaim, buf: &mut [u8; KEY_MAX]) -> usize {
+        let p = self.key_prefix.len();
+        let pending = claim.pending.borrow();
+        let txid = pending.key(claim.slot);
+        buf[..p].copy_from_slice(&self.key_prefix);
+        buf[p..p + txid.len()].copy_from_slice(txid);
+        p + txid.len()
+    }
+
+    /// The claim's value, `instance:shard:seq` (unique per claim: a retry
+    /// that reads it back knows its own write), into `buf`; its length.
+    /// Composed without the formatting machinery, which costs more than the
+    /// rest of the novel-claim path.
+    fn value_of(&self, claim: &NovelClaim, buf: &mut [u8; VALUE_MAX]) -> usize {
         let mut num = itoa::Buffer::new();
+        let mut len = 0;
         for part in [
             self.instance_id.as_bytes(),
             b":",
             num.format(self.shard).as_bytes(),
             b":",
         ] {
-            claim.push_value(part);
+            buf[len..len + part.len()].copy_from_slice(part);
+            len += part.len();
         }
-        claim.push_value(num.format(seq).as_bytes());
-        Claim::Novel(claim)
+        let seq = num.format(claim.seq).as_bytes();
+        buf[len..len + seq.len()].copy_from_slice(seq);
+        len + seq.len()
     }
 
     /// The backend half of a novel claim begun by [`TxIdSet::begin`] on this
     /// set: `set_nx`, then the outcome enters tier-1.
     pub async fn finish(&self, claim: NovelClaim) -> Verdict {
         self.count(|c| c.backend_calls += 1);
+        let (mut key, mut value) = ([0; KEY_MAX], [0; VALUE_MAX]);
+        let key_len = self.key_of(&claim, &mut key);
+        let value_len = self.value_of(&claim, &mut value);
         let started = std::time::Instant::now();
         let outcome = claim
             .backend
-            .set_nx(
-                &claim.key[..claim.key_len],
-                &claim.value[..claim.value_len],
-                self.ttl,
-            )
+            .set_nx(&key[..key_len], &value[..value_len], self.ttl)
             .await;
         self.conclude(claim, outcome, started)
     }
 
     /// [`TxIdSet::finish`] without building a future, for a store that
     /// answers at once (memory); gives the claim back when it would wait.
-    // The claim travels by value for the same reason as in `Claim`.
-    #[allow(clippy::result_large_err)]
     pub fn finish_now(&self, claim: NovelClaim) -> Result<Verdict, NovelClaim> {
+        if !claim.backend.answers_now() {
+            return Err(claim);
+        }
+        let (mut key, mut value) = ([0; KEY_MAX], [0; VALUE_MAX]);
+        let key_len = self.key_of(&claim, &mut key);
+        let value_len = self.value_of(&claim, &mut value);
         let started = std::time::Instant::now();
-        let Some(outcome) = claim.backend.set_nx_now(
-            &claim.key[..claim.key_len],
-            &claim.value[..claim.value_len],
-            self.ttl,
-        ) else {
+        let Some(outcome) =
+            claim
+                .backend
+                .set_nx_now(&key[..key_len], &value[..value_len], self.ttl)
+        else {
             return Err(claim);
         };
         self.count(|c| c.backend_calls += 1);
@@ -481,9 +495,6 @@ impl Pending {
 }
 
 /// What [`TxIdSet::begin`] decided.
-// Returned by value and matched at once: moving the inline key and value
-// costs less than the allocation boxing them would add to every novel claim.
-#[allow(clippy::large_enum_variant)]
 pub enum Claim {
     /// Answered without the backend.
     Done(Verdict),
@@ -491,25 +502,17 @@ pub enum Claim {
     Novel(NovelClaim),
 }
 
-/// A reserved novel claim: owns its key, value and single-flight slot (no
-/// borrows), so it can move into a task. Dropping it unfinished releases the
-/// slot, and the TxID stays unclaimed.
+/// A reserved novel claim: owns its single-flight slot (which holds the
+/// TxID) and its sequence number, no borrows, so it can move into a task.
+/// Small on purpose: it moves several times per claim, so key and value are
+/// composed where the store call needs them. Dropping it unfinished
+/// releases the slot, and the TxID stays unclaimed.
 #[must_use = "finish the claim, or the TxID is neither forwarded nor remembered"]
 pub struct NovelClaim {
     pending: Rc<RefCell<Pending>>,
     slot: u32,
     backend: Rc<ShardBackend>,
-    key: [u8; KEY_MAX],
-    key_len: usize,
-    value: [u8; VALUE_MAX],
-    value_len: usize,
-}
-
-impl NovelClaim {
-    fn push_value(&mut self, part: &[u8]) {
-        self.value[self.value_len..self.value_len + part.len()].copy_from_slice(part);
-        self.value_len += part.len();
-    }
+    seq: u64,
 }
 
 impl Drop for NovelClaim {
@@ -630,5 +633,9 @@ mod future_size {
             "ShardBackend::set_nx future is {set_nx} bytes"
         );
         assert!(claim <= 3072, "TxIdSet::claim future is {claim} bytes");
+        // It moves several times per novel claim (out of `begin`, into and
+        // out of `finish_now`, into the task or future): no inline buffers.
+        let novel = std::mem::size_of::<super::NovelClaim>();
+        assert!(novel <= 32, "NovelClaim is {novel} bytes");
     }
 }

@@ -304,6 +304,13 @@ impl ShardBackend {
         }
     }
 
+    /// Whether [`ShardBackend::set_nx_now`] answers (memory): callers skip
+    /// preparing a call that would only be handed back.
+    #[inline]
+    pub fn answers_now(&self) -> bool {
+        matches!(self, Self::Memory(_))
+    }
+
     /// [`ShardBackend::set_nx`] for a store that answers without waiting
     /// (memory): `None` means this store must be awaited.
     #[inline]
