@@ -67,11 +67,59 @@ pub struct PipelineConfig {
     pub reply_chunk_max: usize,
     /// After a pass that handed out replies with at least
     /// [`GATHER_MIN_INFLIGHT`] requests still in flight, the next read waits
-    /// this long (zero: read as soon as bytes arrive). A server that answers
-    /// pipelined requests one by one, as they complete (Aerospike), would
-    /// otherwise cost a sleep and a wake-up of the shard per reply; a pause
-    /// lets several replies gather. Writes are not held back.
+    /// up to this long (zero: read as soon as bytes arrive). A server that
+    /// answers pipelined requests one by one, as they complete (Aerospike),
+    /// would otherwise cost a sleep and a wake-up of the shard per reply; a
+    /// pause lets several replies gather. The pause adapts within this bound
+    /// (see [`GatherPace`]). Writes are not held back.
     pub reply_gather: Duration,
+}
+
+/// The pause before the next read, steered by what the last one gathered:
+/// most of the replies in flight (the server ran dry, or nearly, while the
+/// client waited) shortens it by a quarter; under half lengthens it by a
+/// quarter, up to the configured bound. It settles where a pause gathers
+/// half to three quarters of what is in flight, whatever the server's speed
+/// and however late the runtime's timers fire.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatherPace {
+    now: Duration,
+    max: Duration,
+    armed_with: usize,
+}
+
+impl GatherPace {
+    const FLOOR: Duration = Duration::from_micros(1);
+
+    /// Starts at a quarter of `max`.
+    pub fn new(max: Duration) -> Self {
+        Self {
+            now: (max / 4).max(Self::FLOOR).min(max),
+            max,
+            armed_with: 0,
+        }
+    }
+
+    /// The pause to take now, with `inflight` requests outstanding.
+    pub fn arm(&mut self, inflight: usize) -> Duration {
+        self.armed_with = inflight;
+        self.now
+    }
+
+    /// `got` replies came with the first read after the pause.
+    pub fn judge(&mut self, got: usize) {
+        let n = self.armed_with;
+        if got * 4 >= n * 3 {
+            self.now = (self.now * 3 / 4).max(Self::FLOOR);
+        } else if got * 2 < n {
+            self.now = (self.now * 5 / 4 + Self::FLOOR).min(self.max);
+        }
+    }
+
+    /// The pause the next arm takes.
+    pub fn current(&self) -> Duration {
+        self.now
+    }
 }
 
 /// Requests that must remain in flight for a pause before the next read
@@ -480,6 +528,9 @@ async fn run<P: Protocol, S: AsyncRead + AsyncWrite + Unpin>(
     // Armed after a pass that handed out replies (see
     // `PipelineConfig::reply_gather`); no read until it fires.
     let mut gather: Option<glommio::timer::Timer> = None;
+    let mut pace = GatherPace::new(config.reply_gather);
+    // Set when a pause ends: the next pass that hands replies out judges it.
+    let mut judge = false;
     poll_fn(|cx| {
         let mut st = state.borrow_mut();
         if st.closed {
@@ -557,12 +608,16 @@ async fn run<P: Protocol, S: AsyncRead + AsyncWrite + Unpin>(
                 start = 0;
                 filled = 0;
             }
+            if handed > 0 && std::mem::take(&mut judge) {
+                pace.judge(handed);
+            }
             if handed > 0
                 && gather.is_none()
                 && !config.reply_gather.is_zero()
                 && st.fifo.len() >= GATHER_MIN_INFLIGHT
             {
-                gather = Some(glommio::timer::Timer::new(config.reply_gather));
+                let pause = pace.arm(st.fifo.len());
+                gather = Some(glommio::timer::Timer::new(pause));
             }
             if handed == chunk {
                 cx.waker().wake_by_ref();
@@ -588,6 +643,7 @@ async fn run<P: Protocol, S: AsyncRead + AsyncWrite + Unpin>(
                     continue;
                 }
                 gather = None;
+                judge = true;
             }
             match Pin::new(&mut stream).poll_read(cx, &mut rbuf[filled..]) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(io::ErrorKind::UnexpectedEof.into()),
@@ -764,6 +820,35 @@ mod tests {
             assert_eq!(c.replies, 64);
             assert!(c.reads <= 20, "{} reads for 64 replies", c.reads);
         });
+    }
+
+    #[test]
+    fn the_pause_shortens_when_it_drains_and_lengthens_when_it_gathers_little() {
+        let max = Duration::from_micros(200);
+        let mut p = GatherPace::new(max);
+        assert_eq!(p.current(), Duration::from_micros(50));
+        // All 16 answered during the pause: the server ran dry, shorten.
+        p.arm(16);
+        p.judge(16);
+        assert_eq!(p.current(), Duration::from_nanos(37_500));
+        // Half to three quarters: keep it.
+        p.arm(16);
+        p.judge(10);
+        assert_eq!(p.current(), Duration::from_nanos(37_500));
+        // Under half: lengthen, up to the bound and no further.
+        for _ in 0..40 {
+            p.arm(64);
+            p.judge(5);
+        }
+        assert_eq!(p.current(), max);
+        // Never below the floor, however often it drains.
+        for _ in 0..200 {
+            p.arm(8);
+            p.judge(8);
+        }
+        assert_eq!(p.current(), GatherPace::FLOOR);
+        // A bound below the floor is the bound.
+        assert_eq!(GatherPace::new(Duration::ZERO).current(), Duration::ZERO);
     }
 
     #[test]

@@ -170,7 +170,7 @@ pub fn register_flags(cmd: Command, flag_prefix: &str, env_prefix: &str) -> (Com
                 .value_name("DURATION")
                 .value_parser(parse_duration)
                 .default_value(format!("{}us", AERO_REPLY_GATHER_DEFAULT.as_micros()))
-                .help("Pause before reading more Aerospike replies while 4 or more requests are in flight, so one wake-up takes several (0: read at once; below the op timeout)"),
+                .help("Longest pause before reading more Aerospike replies while 4 or more requests are in flight, so one wake-up takes several; it adapts below this (0: read at once; below the op timeout)"),
         )
         .arg(
             f.arg("dial-timeout")
@@ -434,7 +434,7 @@ mod tests {
             |extra: &[&'static str]| parse(&aero.iter().chain(extra).copied().collect::<Vec<_>>());
         assert_eq!(
             with(&[]).unwrap().aero_reply_gather,
-            Duration::from_micros(30)
+            Duration::from_micros(200)
         );
         let c = with(&["--ingress-dedup-aero-reply-gather", "0"]).unwrap();
         assert_eq!(c.aero_reply_gather, Duration::ZERO);

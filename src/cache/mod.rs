@@ -36,9 +36,9 @@ pub const DIAL_TIMEOUT_DEFAULT: Duration = Duration::from_millis(200);
 /// Default bound on one operation: short, so a slow backend becomes an error
 /// (and a fail-open forward) fast.
 pub const OP_TIMEOUT_DEFAULT: Duration = Duration::from_millis(50);
-/// Default pause before reading more Aerospike replies (see
+/// Default longest pause before reading more Aerospike replies (see
 /// [`Config::aero_reply_gather`]); measured against a real server (README).
-pub const AERO_REPLY_GATHER_DEFAULT: Duration = Duration::from_micros(30);
+pub const AERO_REPLY_GATHER_DEFAULT: Duration = Duration::from_micros(200);
 /// Default bound on requests in flight per Redis connection.
 pub const REDIS_INFLIGHT_MAX_DEFAULT: usize = 4096;
 /// Default bound on the memory backend's keys, over all shards.
@@ -135,10 +135,11 @@ pub struct Config {
     /// Connections per node per shard: the server works through one request
     /// per connection at a time, so a second buys server-side parallelism.
     pub aero_conns_per_node: usize,
-    /// Pause before reading more replies while several requests are in
-    /// flight: a node answers them one by one, and without a pause each
-    /// reply costs the shard a wake-up (zero: read at once). Adds up to this
-    /// much latency to a pipelined op; saves CPU and server work at depth.
+    /// Longest pause before reading more replies while several requests
+    /// are in flight: a node answers them one by one, and without a pause
+    /// each reply costs the shard a wake-up (zero: read at once). The pause
+    /// adapts below this bound (`pipeline::GatherPace`); it adds up to this
+    /// much latency to a pipelined op and saves CPU and server work at depth.
     pub aero_reply_gather: Duration,
     /// Bound on establishing a connection.
     pub dial_timeout: Duration,
