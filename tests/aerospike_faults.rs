@@ -84,6 +84,19 @@ fn delayed_replies_time_out_then_late_replies_are_dropped() {
     server.set_delay(Duration::ZERO);
     std::thread::sleep(Duration::from_millis(2000));
     assert_no_desync(&e, "delay");
+    // The connection's counters (what /metrics shows) saw it all: five
+    // timeouts whose replies came late and were dropped, on one connection.
+    let c = futures_lite::future::block_on(e.on_every_shard(|s| async move {
+        s.backend()
+            .map(|b| b.connection_counters())
+            .unwrap_or_default()
+    }))
+    .unwrap()
+    .remove(0);
+    assert_eq!((c.timeouts, c.late_replies), (5, 5), "{c:?}");
+    assert_eq!((c.connects, c.disconnects), (1, 0), "{c:?}");
+    assert_eq!(c.replies, 5 + 200, "{c:?}");
+    assert!(c.calls >= c.replies && c.reads >= 1, "{c:?}");
 }
 
 #[test]

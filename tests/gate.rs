@@ -230,6 +230,48 @@ fn two_instances_sharing_redis_forward_each_txid_once() {
         n,
         "the other instance lost each race"
     );
+    // The store connections' own counters reach /metrics.
+    for g in &gates {
+        let text = g.render_metrics();
+        let calls = metric_sum(&text, "txgate_backend_calls_total");
+        assert_eq!(calls, n, "every TxID claimed in redis by each instance");
+        assert!(
+            metric_sum(&text, "txgate_backend_requests_total") >= calls,
+            "{text}"
+        );
+        assert!(
+            metric_sum(&text, "txgate_backend_replies_total") >= calls,
+            "{text}"
+        );
+        let reads = metric_sum(&text, "txgate_backend_reads_total");
+        let writes = metric_sum(&text, "txgate_backend_writes_total");
+        assert!((1..=calls + 16).contains(&reads), "{text}");
+        assert!((1..=calls + 16).contains(&writes), "{text}");
+        assert_eq!(
+            metric_sum(&text, "txgate_backend_connects_total"),
+            1,
+            "{text}"
+        );
+        assert_eq!(
+            metric_sum(&text, "txgate_backend_disconnects_total"),
+            0,
+            "{text}"
+        );
+        assert_eq!(
+            metric_sum(&text, "txgate_backend_late_replies_total"),
+            0,
+            "{text}"
+        );
+    }
+}
+
+/// The sum over shards of a counter in Prometheus text.
+fn metric_sum(text: &str, name: &str) -> u64 {
+    let prefix = format!("{name}{{");
+    text.lines()
+        .filter(|l| l.starts_with(&prefix))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
 }
 
 #[test]

@@ -377,6 +377,17 @@ impl ShardBackend {
         }
     }
 
+    /// Counters of the shard's pipelined store connections, summed (zero
+    /// for the in-process stores): requests, replies, reads and writes,
+    /// timeouts, late replies, overflows, connects and disconnects.
+    pub fn connection_counters(&self) -> crate::pipeline::PipelineCounters {
+        match self {
+            Self::Redis(r) => r.counters(),
+            Self::Aerospike(a) => a.counters(),
+            Self::Memory(_) | Self::Fault(_) => Default::default(),
+        }
+    }
+
     /// Releases the shard's resources; later ops fail with `Closed`.
     pub fn close(&self) {
         match self {

@@ -27,6 +27,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::cache::{self, Backend, BackendKind, CacheError};
 use crate::engine::{Engine, EngineConfig, EngineError, affinity_cores};
 use crate::metrics::{LatencyHistogram, family};
+use crate::pipeline::PipelineCounters;
 use crate::txidset::ClaimCounters;
 
 use shard::{ShardIo, ShardPlan};
@@ -176,6 +177,8 @@ pub struct ShardSnapshot {
     pub claim_latency: LatencyHistogram,
     /// Backend `set_nx` round trips.
     pub backend_latency: LatencyHistogram,
+    /// The shard's store connections (zero for the in-process stores).
+    pub connections: PipelineCounters,
 }
 
 /// Totals over shards, and how the drain went.
@@ -225,6 +228,7 @@ fn add(a: &mut ShardSnapshot, b: &ShardSnapshot) {
     a.tier1_entries += b.tier1_entries;
     a.claim_latency.merge(&b.claim_latency);
     a.backend_latency.merge(&b.backend_latency);
+    a.connections.add(&b.connections);
 }
 
 /// What a shard's serving job reports when it ends.
@@ -762,6 +766,50 @@ pub fn render_metrics(
         "Store ops that timed out.",
         &|s| s.claims.backend_timeouts,
     );
+    for (name, help, get) in [
+        (
+            "txgate_backend_requests_total",
+            "Requests written to the store's connections (all ops, health checks included).",
+            (|c: &PipelineCounters| c.calls) as fn(&PipelineCounters) -> u64,
+        ),
+        (
+            "txgate_backend_replies_total",
+            "Replies read from the store's connections, late ones included.",
+            |c| c.replies,
+        ),
+        (
+            "txgate_backend_reads_total",
+            "Socket reads that returned replies' bytes (replies / reads: replies per wake-up).",
+            |c| c.reads,
+        ),
+        (
+            "txgate_backend_writes_total",
+            "Socket writes that carried requests (requests / writes: batching).",
+            |c| c.flushes,
+        ),
+        (
+            "txgate_backend_late_replies_total",
+            "Replies that came after their op had timed out (read and dropped: the connection stays in step).",
+            |c| c.late_replies,
+        ),
+        (
+            "txgate_backend_overflows_total",
+            "Requests refused because a connection had too many in flight.",
+            |c| c.overflows,
+        ),
+        (
+            "txgate_backend_connects_total",
+            "Store connections established, reconnects included.",
+            |c| c.connects,
+        ),
+        (
+            "txgate_backend_disconnects_total",
+            "Store connections lost (each failed what it had in flight).",
+            |c| c.disconnects,
+        ),
+    ] {
+        counter(&mut out, name, help, &|s| get(&s.connections));
+    }
     counter(
         &mut out,
         "txgate_pending_full_total",

@@ -422,6 +422,11 @@ impl GateShard {
             tier1_entries: txids.tier1_len() as u64,
             claim_latency: *self.claim_latency.borrow(),
             backend_latency: txids.backend_latency(),
+            connections: self
+                .shard
+                .backend()
+                .map(|b| b.connection_counters())
+                .unwrap_or_default(),
         };
         *self.stats.lock().expect("not poisoned") = snap;
     }

@@ -473,6 +473,15 @@ fn ttl_of(ttl: Duration) -> Ttl {
 }
 
 impl AerospikeShard {
+    /// Counters summed over this shard's connections to every node.
+    pub fn counters(&self) -> crate::pipeline::PipelineCounters {
+        let mut t = crate::pipeline::PipelineCounters::default();
+        for p in self.conns.borrow().iter().flatten() {
+            t.add(&p.counters());
+        }
+        t
+    }
+
     /// The connection for `key`'s partition master (round-robin over the
     /// node's connections), and the key's digest.
     fn route(&self, key: &[u8]) -> (Rc<Pipeline<AsMsg>>, [u8; codec::DIGEST_LEN]) {
