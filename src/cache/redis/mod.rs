@@ -516,7 +516,12 @@ fn px(ttl: Duration) -> Option<Px> {
     if ttl.is_zero() {
         return None;
     }
-    let ms = ttl.as_nanos().div_ceil(1_000_000).max(1);
+    // In u64 (a u128 division and format cost more, on every claim).
+    let ms = ttl
+        .as_secs()
+        .saturating_mul(1000)
+        .saturating_add(u64::from(ttl.subsec_nanos().div_ceil(1_000_000)))
+        .max(1);
     let mut px = Px {
         buf: [0; 40],
         len: 0,
@@ -982,5 +987,13 @@ mod tests {
         assert_eq!(px(Duration::from_micros(1)).as_deref(), Some(&b"1"[..]));
         assert_eq!(px(Duration::from_micros(1500)).as_deref(), Some(&b"2"[..]));
         assert_eq!(px(Duration::from_secs(60)).as_deref(), Some(&b"60000"[..]));
+        assert_eq!(
+            px(Duration::from_millis(2_999) + Duration::from_nanos(1)).as_deref(),
+            Some(&b"3000"[..])
+        );
+        assert_eq!(
+            px(Duration::MAX).as_deref(),
+            Some(u64::MAX.to_string().as_bytes())
+        );
     }
 }
