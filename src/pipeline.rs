@@ -85,6 +85,7 @@ pub struct PipelineConfig {
 pub struct GatherPace {
     now: Duration,
     max: Duration,
+    armed_with: usize,
 }
 
 impl GatherPace {
@@ -95,15 +96,19 @@ impl GatherPace {
         Self {
             now: (max / 4).max(Self::FLOOR).min(max),
             max,
+            armed_with: 0,
         }
     }
 
-    /// The first read after a pause handed out `got` replies and left
-    /// `remaining` requests in flight. Judged against everything in flight
-    /// then, not what was in flight when the pause began: the callers whose
-    /// replies were handed out send their next requests during the pause.
-    pub fn judge(&mut self, got: usize, remaining: usize) {
-        let n = got + remaining;
+    /// The pause to take now, with `inflight` requests outstanding.
+    pub fn arm(&mut self, inflight: usize) -> Duration {
+        self.armed_with = inflight;
+        self.now
+    }
+
+    /// `got` replies came with the first read after the pause.
+    pub fn judge(&mut self, got: usize) {
+        let n = self.armed_with;
         if got * 4 >= n * 3 {
             self.now = (self.now * 3 / 4).max(Self::FLOOR);
         } else if got * 2 < n {
@@ -111,7 +116,7 @@ impl GatherPace {
         }
     }
 
-    /// The pause to take now.
+    /// The pause the next arm takes.
     pub fn current(&self) -> Duration {
         self.now
     }
@@ -604,14 +609,15 @@ async fn run<P: Protocol, S: AsyncRead + AsyncWrite + Unpin>(
                 filled = 0;
             }
             if handed > 0 && std::mem::take(&mut judge) {
-                pace.judge(handed, st.fifo.len());
+                pace.judge(handed);
             }
             if handed > 0
                 && gather.is_none()
                 && !config.reply_gather.is_zero()
                 && st.fifo.len() >= GATHER_MIN_INFLIGHT
             {
-                gather = Some(glommio::timer::Timer::new(pace.current()));
+                let pause = pace.arm(st.fifo.len());
+                gather = Some(glommio::timer::Timer::new(pause));
             }
             if handed == chunk {
                 cx.waker().wake_by_ref();
@@ -821,23 +827,24 @@ mod tests {
         let max = Duration::from_micros(200);
         let mut p = GatherPace::new(max);
         assert_eq!(p.current(), Duration::from_micros(50));
-        // All answered during the pause: the server ran dry, shorten.
-        p.judge(16, 0);
+        // All 16 answered during the pause: the server ran dry, shorten.
+        p.arm(16);
+        p.judge(16);
         assert_eq!(p.current(), Duration::from_nanos(37_500));
-        // Three quarters of what is in flight (new requests included): shorten.
-        p.judge(12, 4);
-        assert_eq!(p.current(), Duration::from_nanos(28_125));
         // Half to three quarters: keep it.
-        p.judge(10, 6);
-        assert_eq!(p.current(), Duration::from_nanos(28_125));
+        p.arm(16);
+        p.judge(10);
+        assert_eq!(p.current(), Duration::from_nanos(37_500));
         // Under half: lengthen, up to the bound and no further.
         for _ in 0..40 {
-            p.judge(5, 59);
+            p.arm(64);
+            p.judge(5);
         }
         assert_eq!(p.current(), max);
         // Never below the floor, however often it drains.
         for _ in 0..200 {
-            p.judge(8, 0);
+            p.arm(8);
+            p.judge(8);
         }
         assert_eq!(p.current(), GatherPace::FLOOR);
         // A bound below the floor is the bound.
