@@ -287,11 +287,12 @@ impl Gate {
                 // Best effort: the kernel caps it at net.core.rmem_max.
                 let _ = sock.set_recv_buffer_size(config.recv_buffer_bytes);
             }
-            sock.set_nonblocking(true)
-                .map_err(|source| GateError::Socket {
+            udp::blocking_with_timeout(&sock, shard::WAIT_SLICE).map_err(|source| {
+                GateError::Socket {
                     what: format!("shard {i}'s listen socket"),
                     source,
-                })?;
+                }
+            })?;
         }
         let steering_active = match (config.steering, shards) {
             (_, 1) | (Steering::Off, _) => false,

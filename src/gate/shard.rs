@@ -29,7 +29,7 @@ pub(super) struct ShardPlan {
     pub drain_timeout: Duration,
     /// No datagram can be handed over to this shard (one shard, or kernel
     /// steering): its socket is all it waits on while no claim is pending,
-    /// so it may wait for it in `poll(2)` (see [`GateShard::wait_for_datagrams`]).
+    /// so it may sleep in a blocking read of it (see [`GateShard::receive_waiting`]).
     pub socket_only: bool,
 }
 
@@ -103,10 +103,11 @@ const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 /// queue runs dry or its 100 ms preempt timer fires; a loop that always has
 /// packets never runs dry, so it steps aside this often.
 const REACTOR_EVERY: Duration = Duration::from_micros(100);
-/// Longest a shard blocks in `poll(2)` for its socket, and so the longest its
-/// reactor (timers, hand-overs from other threads) waits while traffic
+/// Longest a shard sleeps in a blocking read of its socket (its receive
+/// timeout; the kernel rounds it up to its tick), and how often at least its
+/// reactor (timers, hand-overs from other threads) turns while traffic
 /// flows; a slice without a datagram hands the wait back to the reactor.
-const POLL_SLICE_MS: i32 = 1;
+pub(super) const WAIT_SLICE: Duration = Duration::from_millis(1);
 
 /// Lets the shard's reactor run: a timer that is due almost at once leaves
 /// no task runnable, so glommio polls I/O before resuming us.
@@ -222,11 +223,25 @@ impl GateShard {
         let end = self.plan.txid_offset + self.plan.txid_len;
         let me = self.shard.index() as u32;
         let mut reactor_at = Instant::now();
+        // The last read came back short: the queue is empty, so wait for
+        // the next datagram instead of a read that would come back empty.
+        let mut drained = false;
         loop {
             if !matches!(stop.try_recv(), Err(flume::TryRecvError::Empty)) {
                 return;
             }
-            let n = match batch.recv(fd) {
+            let got = if drained {
+                match self
+                    .receive_waiting(listen, stop, &mut batch, &mut reactor_at)
+                    .await
+                {
+                    Some(got) => got,
+                    None => return,
+                }
+            } else {
+                batch.recv(fd)
+            };
+            let n = match got {
                 Ok(n) => n,
                 Err(e) => {
                     self.count(|c| c.recv_errors += 1);
@@ -235,10 +250,8 @@ impl GateShard {
                     continue;
                 }
             };
+            drained = n < batch.capacity();
             if n == 0 {
-                if !self.wait_for_datagrams(listen, stop, &mut reactor_at).await {
-                    return;
-                }
                 continue;
             }
             let t0 = Instant::now();
@@ -267,44 +280,41 @@ impl GateShard {
                 .borrow_mut()
                 .record_n(t0.elapsed().as_nanos() as u64, answered);
             self.flush(&mut out);
-            if n < batch.capacity() {
-                // The queue was drained: wait for the next datagram instead
-                // of a read that would come back empty.
-                if !self.wait_for_datagrams(listen, stop, &mut reactor_at).await {
-                    return;
-                }
-            } else if t0.duration_since(reactor_at) >= REACTOR_EVERY {
+            if !drained && t0.duration_since(reactor_at) >= REACTOR_EVERY {
                 step_aside().await;
                 reactor_at = Instant::now();
             }
         }
     }
 
-    /// Waits until a datagram is queued; false on stop. A reactor sleep and
-    /// wake-up costs glommio several `io_uring_enter` calls and often a
-    /// `membarrier`, against one `poll(2)`: so while traffic flows and the
-    /// socket is all this shard waits on (no hand-overs can arrive, no claim
-    /// waits on the store), block in `poll` for up to a slice, and let the
-    /// reactor turn at least once a slice. A quiet slice hands the wait to
-    /// the reactor, so an idle shard sleeps as before.
-    async fn wait_for_datagrams(
+    /// Waits until a datagram is queued and reads a batch; `None` on stop.
+    /// A reactor sleep and wake-up costs glommio several `io_uring_enter`
+    /// calls and often a `membarrier`, against one blocking `recvmmsg`: so
+    /// while traffic flows and the socket is all this shard waits on (no
+    /// hand-overs can arrive, no claim waits on the store), sleep in the
+    /// read itself for up to a slice, and let the reactor turn at least once
+    /// a slice. A quiet slice hands the wait to the reactor, so an idle
+    /// shard sleeps as before.
+    async fn receive_waiting(
         &self,
         listen: &glommio::net::UdpSocket,
         stop: &flume::Receiver<()>,
+        batch: &mut RecvBatch,
         reactor_at: &mut Instant,
-    ) -> bool {
+    ) -> Option<std::io::Result<usize>> {
         if self.plan.socket_only && self.inflight.get() == 0 {
-            if reactor_at.elapsed() >= Duration::from_millis(POLL_SLICE_MS as u64) {
+            if reactor_at.elapsed() >= WAIT_SLICE {
                 step_aside().await;
                 *reactor_at = Instant::now();
             }
-            if poll_readable(listen.as_raw_fd(), POLL_SLICE_MS) {
-                return true;
+            match batch.recv_waiting(listen.as_raw_fd()) {
+                Ok(0) => {}
+                got => return Some(got),
             }
         }
         let readable = wait_readable(listen, stop).await;
         *reactor_at = Instant::now();
-        readable
+        readable.then(|| batch.recv(listen.as_raw_fd()))
     }
 
     /// Hands `pkt` to its owner; waits while the owner's channel is full
@@ -430,19 +440,6 @@ impl GateShard {
         };
         *self.stats.lock().expect("not poisoned") = snap;
     }
-}
-
-/// Blocks the thread until `fd` is readable or `timeout_ms` passes; true when
-/// readable (an error reads as not: the reactor's wait takes over).
-fn poll_readable(fd: std::os::fd::RawFd, timeout_ms: i32) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, for the duration of the call.
-    let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-    n == 1 && pfd.revents & libc::POLLIN != 0
 }
 
 /// Waits until a datagram is queued (a 1-byte peek, which leaves it there)

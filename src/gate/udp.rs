@@ -60,6 +60,18 @@ impl RecvBatch {
 
     /// Reads up to a batch without blocking: `Ok(0)` when nothing is queued.
     pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+        self.read(fd, libc::MSG_DONTWAIT)
+    }
+
+    /// Sleeps in the kernel until a datagram is queued, then reads up to a
+    /// batch: one syscall where waiting in `poll(2)` and reading takes two.
+    /// Needs a socket in blocking mode ([`blocking_with_timeout`]); `Ok(0)`
+    /// when its receive timeout passed first (or a signal came).
+    pub fn recv_waiting(&mut self, fd: RawFd) -> io::Result<usize> {
+        self.read(fd, libc::MSG_WAITFORONE)
+    }
+
+    fn read(&mut self, fd: RawFd, flags: libc::c_int) -> io::Result<usize> {
         self.filled = 0;
         for h in self.hdrs.iter_mut() {
             h.msg_hdr.msg_flags = 0;
@@ -73,7 +85,7 @@ impl RecvBatch {
                 fd,
                 self.hdrs.as_mut_ptr(),
                 self.hdrs.len() as libc::c_uint,
-                libc::MSG_DONTWAIT,
+                flags,
                 std::ptr::null_mut(),
             )
         };
@@ -111,6 +123,19 @@ impl RecvBatch {
         let len = (self.hdrs[i].msg_len as usize).min(SLOT_BYTES);
         &self.bufs[i * SLOT_STRIDE..i * SLOT_STRIDE + len]
     }
+}
+
+/// Puts `sock` in blocking mode with a receive timeout, so a blocking read
+/// ([`RecvBatch::recv_waiting`]) returns after `timeout` at most (the kernel
+/// rounds it up to its tick: 4 ms at HZ=250). Every other read of the socket
+/// must pass `MSG_DONTWAIT` ([`RecvBatch::recv`] and glommio's reads do;
+/// io_uring never blocks on it).
+pub fn blocking_with_timeout(
+    sock: &socket2::Socket,
+    timeout: std::time::Duration,
+) -> io::Result<()> {
+    sock.set_nonblocking(false)?;
+    sock.set_read_timeout(Some(timeout))
 }
 
 /// Longest run of equal-size payloads sent as one UDP GSO message: the
@@ -485,5 +510,44 @@ mod tests {
             "the refusal is remembered"
         );
         assert_eq!(receive_all(&rx, payloads.len()), payloads);
+    }
+
+    #[test]
+    fn a_blocking_read_sleeps_until_a_datagram_or_its_timeout_and_the_plain_read_never_blocks() {
+        let rx = socket2::Socket::from(UdpSocket::bind("127.0.0.1:0").unwrap());
+        let to = rx.local_addr().unwrap().as_socket().unwrap();
+        let fd = rx.as_raw_fd();
+        let mut batch = RecvBatch::new(8);
+
+        // The plain read stays non-blocking on a blocking socket: with a 5 s
+        // receive timeout, a read that blocked would take 5 s.
+        blocking_with_timeout(&rx, Duration::from_secs(5)).unwrap();
+        let t = Instant::now();
+        assert_eq!(batch.recv(fd).unwrap(), 0);
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+
+        // Nothing comes: the blocking read returns empty after its timeout.
+        blocking_with_timeout(&rx, Duration::from_millis(100)).unwrap();
+        let t = Instant::now();
+        assert_eq!(batch.recv_waiting(fd).unwrap(), 0);
+        assert!(
+            t.elapsed() >= Duration::from_millis(90),
+            "{:?}",
+            t.elapsed()
+        );
+
+        // Datagrams sent while it sleeps: it wakes and takes what is queued.
+        blocking_with_timeout(&rx, Duration::from_secs(5)).unwrap();
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+            tx.send_to(b"first", to).unwrap();
+        });
+        let t = Instant::now();
+        let n = batch.recv_waiting(fd).unwrap();
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        sender.join().unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(batch.get(0), b"first");
     }
 }
