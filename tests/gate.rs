@@ -438,3 +438,55 @@ fn a_shard_under_a_stream_without_pauses_keeps_publishing_and_stops() {
     assert!(summary.total.received <= sent);
     assert_eq!(summary.total.forwarded, 1000.min(summary.total.received));
 }
+
+/// Under a flood (a sender that never pauses, so every read finds a full
+/// batch), the shard's reactor still turns: its published counters move
+/// while the flood lasts. A step-aside that did not really yield (a timer
+/// already due when first polled) froze them until the flood ended.
+#[test]
+fn a_flooded_shard_keeps_publishing() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let sink = Sink::start();
+    let gate = Gate::start(config(1, &sink)).unwrap();
+    let to = gate.local_addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let until = std::time::Instant::now() + Duration::from_secs(8);
+            let mut sent = 0u64;
+            while !stop.load(Ordering::Relaxed)
+                && std::time::Instant::now() < until
+                && sent < 20_000_000
+            {
+                // A full socket buffer drops on the floor; never blocks.
+                let _ = tx.send_to(&datagram(&txid(sent % 1000), 0, b"f"), to);
+                sent += 1;
+            }
+        })
+    };
+    let published = |gate: &Gate| gate.snapshots().iter().map(|s| s.received).sum::<u64>();
+    let mut values = vec![published(&gate)];
+    wait_for(
+        "five published values mid-flood",
+        Duration::from_secs(8),
+        || {
+            let v = published(&gate);
+            if v > *values.last().unwrap() {
+                values.push(v);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+            values.len() > 5
+        },
+    );
+    assert!(
+        !sender.is_finished(),
+        "the flood was still on while the counters moved"
+    );
+    stop.store(true, Ordering::Relaxed);
+    sender.join().unwrap();
+    gate.shutdown();
+}
