@@ -412,20 +412,7 @@ fn a_shard_under_a_stream_without_pauses_keeps_publishing_and_stops() {
     // The shard publishes every 100 ms, so ten values take about a second of
     // the 5 s stream; a reactor that turned only when the stream happened to
     // pause for a millisecond showed them after 7 s.
-    let published = |gate: &Gate| gate.snapshots().iter().map(|s| s.received).sum::<u64>();
-    let mut values = vec![published(&gate)];
-    wait_for(
-        "ten published values mid-stream",
-        Duration::from_secs(10),
-        || {
-            let v = published(&gate);
-            if v > *values.last().unwrap() {
-                values.push(v);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-            values.len() > 10
-        },
-    );
+    let values = published_values(&gate, 10, Duration::from_secs(10));
     assert!(
         !sender.is_finished(),
         "the stream was still flowing while the counters moved"
@@ -437,6 +424,22 @@ fn a_shard_under_a_stream_without_pauses_keeps_publishing_and_stops() {
     assert!(summary.total.received >= first);
     assert!(summary.total.received <= sent);
     assert_eq!(summary.total.forwarded, 1000.min(summary.total.received));
+}
+
+/// Waits (up to `within`) until the gate has published `n` successive
+/// increases of its received counter; returns the values seen.
+fn published_values(gate: &Gate, n: usize, within: Duration) -> Vec<u64> {
+    let published = || gate.snapshots().iter().map(|s| s.received).sum::<u64>();
+    let mut values = vec![published()];
+    wait_for(&format!("{n} published values mid-stream"), within, || {
+        let v = published();
+        if v > *values.last().unwrap() {
+            values.push(v);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        values.len() > n
+    });
+    values
 }
 
 /// Under a flood (a sender that never pauses, so every read finds a full
@@ -468,20 +471,7 @@ fn a_flooded_shard_keeps_publishing() {
             }
         })
     };
-    let published = |gate: &Gate| gate.snapshots().iter().map(|s| s.received).sum::<u64>();
-    let mut values = vec![published(&gate)];
-    wait_for(
-        "five published values mid-flood",
-        Duration::from_secs(8),
-        || {
-            let v = published(&gate);
-            if v > *values.last().unwrap() {
-                values.push(v);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-            values.len() > 5
-        },
-    );
+    published_values(&gate, 5, Duration::from_secs(8));
     assert!(
         !sender.is_finished(),
         "the flood was still on while the counters moved"
