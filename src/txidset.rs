@@ -262,6 +262,15 @@ impl TxIdSet {
         }
     }
 
+    /// Starts loading what a coming [`TxIdSet::begin`] of `txid` reads
+    /// first; call it for a whole batch before claiming it. A hint only.
+    #[inline]
+    pub fn prefetch(&self, txid: &[u8]) {
+        if txid.len() == self.txid_len {
+            self.tier1.borrow().prefetch_lookup(txid);
+        }
+    }
+
     /// The synchronous part of [`TxIdSet::claim`]: answers from tier-1, the
     /// single-flight table or the pending bound, or reserves a novel claim
     /// for [`TxIdSet::finish`]. Lets a caller answer most packets without
