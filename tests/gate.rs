@@ -381,8 +381,8 @@ fn forwards_to_a_multicast_group_with_ttl_0_so_nothing_leaves_the_host() {
     assert_eq!(t.forwarded, 50);
 }
 
-/// A shard whose socket is all it waits on blocks in `poll(2)` while traffic
-/// flows, and must still turn its reactor: under a stream that never pauses
+/// A shard whose socket is all it waits on sleeps in its socket read while
+/// traffic flows, and must still turn its reactor: under a stream that never pauses
 /// for a millisecond, its published counters (a reactor timer) keep moving,
 /// and it stops on request.
 #[test]
@@ -394,21 +394,12 @@ fn a_shard_under_a_stream_without_pauses_keeps_publishing_and_stops() {
     let gate = Gate::start(config(1, &sink)).unwrap();
     let to = gate.local_addr();
     let stop = Arc::new(AtomicBool::new(false));
-    let sender = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-            let until = std::time::Instant::now() + Duration::from_secs(5);
-            let mut sent = 0u64;
-            while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < until {
-                tx.send_to(&datagram(&txid(sent % 1000), 0, b"s"), to)
-                    .unwrap();
-                sent += 1;
-                std::thread::sleep(Duration::from_micros(50));
-            }
-            sent
-        })
-    };
+    let sender = stream(
+        to,
+        stop.clone(),
+        Duration::from_secs(5),
+        Some(Duration::from_micros(50)),
+    );
     // The shard publishes every 100 ms, so ten values take about a second of
     // the 5 s stream; a reactor that turned only when the stream happened to
     // pause for a millisecond showed them after 7 s.
@@ -424,6 +415,34 @@ fn a_shard_under_a_stream_without_pauses_keeps_publishing_and_stops() {
     assert!(summary.total.received >= first);
     assert!(summary.total.received <= sent);
     assert_eq!(summary.total.forwarded, 1000.min(summary.total.received));
+}
+
+/// Sends datagrams to `to` (1 000 TxIDs round robin) until `stop`, `limit`
+/// or 20 M datagrams, `pause` apart; returns how many went out. Unpaced it
+/// floods: a full socket buffer drops on the floor, the sender never blocks.
+fn stream(
+    to: std::net::SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    limit: Duration,
+    pause: Option<Duration>,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let until = std::time::Instant::now() + limit;
+        let mut sent = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed)
+            && std::time::Instant::now() < until
+            && sent < 20_000_000
+        {
+            let r = tx.send_to(&datagram(&txid(sent % 1000), 0, b"s"), to);
+            sent += 1;
+            if let Some(p) = pause {
+                r.unwrap();
+                std::thread::sleep(p);
+            }
+        }
+        sent
+    })
 }
 
 /// Waits (up to `within`) until the gate has published `n` successive
@@ -455,22 +474,7 @@ fn a_flooded_shard_keeps_publishing() {
     let gate = Gate::start(config(1, &sink)).unwrap();
     let to = gate.local_addr();
     let stop = Arc::new(AtomicBool::new(false));
-    let sender = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-            let until = std::time::Instant::now() + Duration::from_secs(8);
-            let mut sent = 0u64;
-            while !stop.load(Ordering::Relaxed)
-                && std::time::Instant::now() < until
-                && sent < 20_000_000
-            {
-                // A full socket buffer drops on the floor; never blocks.
-                let _ = tx.send_to(&datagram(&txid(sent % 1000), 0, b"f"), to);
-                sent += 1;
-            }
-        })
-    };
+    let sender = stream(to, stop.clone(), Duration::from_secs(8), None);
     published_values(&gate, 5, Duration::from_secs(8));
     assert!(
         !sender.is_finished(),
