@@ -12,6 +12,9 @@
 //! with `getrusage(RUSAGE_SELF)` is the clients' alone; the child's CPU is
 //! read from `/proc` and shown apart. The clients run in this process, pinned
 //! to `--core`. See `aerospike_peers/peers.rs` for what each client runs.
+//! At depth 1 it also runs a bare blocking client (one `TcpStream`, one
+//! `write(2)` and blocking `read(2)` per write), the CPU floor of any client
+//! that waits for each reply, so every report shows what depth 1 allows.
 //! Prints a table and the issue's targets; writes everything, every run
 //! included, to `target/aerospike-peers.json` (`--json`).
 
@@ -89,10 +92,14 @@ struct Cli {
     /// Skip the official client (txgate rows only)
     #[arg(long)]
     no_official: bool,
+    /// Skip the blocking round-trip client, the CPU floor at depth 1 (it runs
+    /// at depth 1 only)
+    #[arg(long)]
+    no_blocking: bool,
     /// The official client's tokio runtime: 0 = current-thread, N = multi-thread with N workers
     #[arg(long, default_value_t = 0)]
     official_workers: usize,
-    /// Per-op deadline of both clients, ms
+    /// Per-op deadline of every client, ms
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     op_timeout_ms: u64,
     /// Record TTL, s (0 = never expire; a server with nsup-period 0 refuses TTLs)
@@ -349,6 +356,9 @@ fn bench(cli: Cli) -> Result<(), Failure> {
     if !cli.no_official {
         clients.push(Client::Official);
     }
+    if !cli.no_blocking {
+        clients.push(Client::Blocking);
+    }
     let mut depths: Vec<usize> = cli.depths.iter().map(|&d| d as usize).collect();
     depths.dedup();
     let length = match (cli.ops_per_depth, cli.seconds) {
@@ -416,6 +426,12 @@ fn bench(cli: Cli) -> Result<(), Failure> {
     eprintln!("aerospike_peers: {server_desc}");
     eprintln!("  txgate: {}", clients_json["txgate"]["version"]);
     eprintln!("  official: {}", clients_json["official"]["version"]);
+    if !cli.no_blocking {
+        eprintln!(
+            "  blocking (depth 1): {}",
+            clients_json["blocking"]["version"]
+        );
+    }
     eprintln!(
         "  clients {}; depths {:?}; {} runs each; namespace {}, set {}",
         match plan.core {
@@ -442,6 +458,12 @@ fn bench(cli: Cli) -> Result<(), Failure> {
         "  official: {}, {}",
         clients_json["official"]["version"], clients_json["official"]["settings"]["runtime"]
     );
+    if !cli.no_blocking {
+        println!(
+            "  blocking (depth 1): {}, one connection to the first seed",
+            clients_json["blocking"]["version"]
+        );
+    }
     println!(
         "  clients on {}; medians of {} runs; {}\n",
         match plan.core {
@@ -474,6 +496,14 @@ fn bench(cli: Cli) -> Result<(), Failure> {
          other%: share of the client CPU that other processes took. Percentiles are exact \
          (every write's latency, successful writes)."
     );
+    if !cli.no_blocking {
+        println!(
+            "blocking round trip (floor), depth 1 only: one blocking TcpStream to the first \
+             seed, one write(2) and blocking read(2)s per write (txgate's codec), no routing \
+             (the seed proxies): the least CPU a client can spend per op when each op waits \
+             for its reply."
+        );
+    }
     if default_conns == 1 {
         println!(
             "txgate's default --aero-conns-per-node is 1, so the 1-conn and default rows are \

@@ -11,6 +11,11 @@
 //!   `depth` tasks calling `put` with `RecordExistsAction::CreateOnly`. It
 //!   sends one command per connection at a time, so `depth` in flight means
 //!   up to `depth` connections per node.
+//! - blocking (depth 1 only): one `std::net::TcpStream` to the first seed,
+//!   each write encoded with txgate's codec, one `write(2)` and blocking
+//!   `read(2)`s until the reply is whole. No client can spend less CPU on an
+//!   op that must wait out a round trip (one sleep and wake-up per op), so
+//!   its row is the floor the others are judged against at depth 1.
 //!
 //! Every write is a fresh 24-byte blob key (16 bytes unique to the run, then
 //! the op number), one 16-byte blob bin `v`, TTL `ttl_s`, no key sent. Each
@@ -54,10 +59,14 @@ pub enum Client {
     },
     /// The official Rust client's async API.
     Official,
+    /// A bare blocking round trip per write (depth 1 only): the least CPU
+    /// any client can spend when every op waits for its reply.
+    Blocking,
 }
 
 impl Client {
-    /// Short id for JSON and command lines: `txgate-c1-g30`, `official`.
+    /// Short id for JSON and command lines: `txgate-c1-g30`, `official`,
+    /// `blocking`.
     pub fn id(self) -> String {
         match self {
             Self::Txgate {
@@ -65,6 +74,16 @@ impl Client {
                 gather_us,
             } => format!("txgate-c{conns_per_node}-g{gather_us}"),
             Self::Official => "official".to_owned(),
+            Self::Blocking => "blocking".to_owned(),
+        }
+    }
+
+    /// Whether this client runs at `depth`: the blocking floor only at 1,
+    /// the one depth where every client waits out a round trip per op.
+    pub fn runs_at(self, depth: usize) -> bool {
+        match self {
+            Self::Blocking => depth <= 1,
+            _ => true,
         }
     }
 
@@ -84,6 +103,7 @@ impl Client {
                 }
             ),
             Self::Official => "official client".to_owned(),
+            Self::Blocking => "blocking round trip (floor)".to_owned(),
         }
     }
 }
@@ -169,7 +189,7 @@ pub struct Plan {
     /// CPU the server process is pinned to, and its pid, when it is ours.
     pub server_core: Option<usize>,
     pub server_pid: Option<u32>,
-    /// Both clients' per-op deadline.
+    /// Every client's per-op deadline.
     pub op_timeout: Duration,
     /// Record TTL in seconds; 0 = never expire.
     pub ttl_s: u32,
@@ -200,7 +220,8 @@ pub const DISTURBED_SHARE: f64 = 0.10;
 pub struct RunResult {
     pub client: String,
     pub conns_per_node: Option<usize>,
-    /// txgate's reply gather in microseconds (`None`: the official client).
+    /// txgate's reply gather in microseconds (`None`: the official and
+    /// blocking clients).
     pub reply_gather_us: Option<u64>,
     pub depth: usize,
     pub round: u32,
@@ -249,7 +270,8 @@ pub struct Summary {
     pub client: String,
     pub label: String,
     pub conns_per_node: Option<usize>,
-    /// txgate's reply gather in microseconds (`None`: the official client).
+    /// txgate's reply gather in microseconds (`None`: the official and
+    /// blocking clients).
     pub reply_gather_us: Option<u64>,
     pub depth: usize,
     pub runs: usize,
@@ -272,8 +294,11 @@ pub struct Summary {
 pub struct Target {
     pub claim: String,
     pub measured: String,
-    /// `None`: not measurable with this run's clients and depths.
+    /// `None`: not measurable with this run's clients and depths, or
+    /// informational.
     pub pass: Option<bool>,
+    /// A figure to read the targets by, not a target (no verdict).
+    pub informational: bool,
 }
 
 // ---------------------------------------------------------------- running
@@ -293,7 +318,7 @@ pub fn run_all(
             let mut order = plan.clients.clone();
             let n = order.len().max(1);
             order.rotate_left((round as usize - 1) % n);
-            for client in order {
+            for client in order.into_iter().filter(|c| c.runs_at(depth)) {
                 before_run()?;
                 let waited = wait_quiet(plan);
                 seq += 1;
@@ -387,6 +412,7 @@ pub fn run_one(
             gather_us,
         } => run_txgate(&spec, conns_per_node, gather_us)?,
         Client::Official => run_official(&spec, plan.official_workers)?,
+        Client::Blocking => run_blocking(&spec)?,
     };
     Ok(m.into_result(client, depth, round))
 }
@@ -528,11 +554,11 @@ impl Measured {
             client: client.id(),
             reply_gather_us: match client {
                 Client::Txgate { gather_us, .. } => Some(gather_us),
-                Client::Official => None,
+                Client::Official | Client::Blocking => None,
             },
             conns_per_node: match client {
                 Client::Txgate { conns_per_node, .. } => Some(conns_per_node),
-                Client::Official => None,
+                Client::Official | Client::Blocking => None,
             },
             depth,
             round,
@@ -948,6 +974,229 @@ async fn official_phase(
     Ok(all)
 }
 
+// ---------------------------------------------------------------- blocking
+
+/// Bound on one reply of the blocking client: a create-only write's reply
+/// is a few dozen bytes, so anything near this is a broken stream.
+const BLOCKING_REPLY_MAX: usize = 1 << 20;
+/// The blocking client's connect bound, as txgate's `dial_timeout` here.
+const BLOCKING_DIAL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The floor at depth 1: one blocking `TcpStream` to the FIRST seed, one
+/// create-only write at a time, encoded with txgate's codec into a reused
+/// buffer, one `write(2)`, then blocking `read(2)`s into a reused buffer
+/// until the reply is whole. It does not route: on a multi-node cluster a
+/// write whose partition another node masters is proxied by the seed (a
+/// real server proxies, and so does our test server), so every write is
+/// still served. What is measured is this process's CPU, which does not
+/// depend on which node masters the key.
+struct BlockingClient {
+    host: String,
+    op_timeout: Duration,
+    /// `None` after an I/O or protocol error (the stream's state is then
+    /// unknown: a late reply would be taken for the next op's); the next op
+    /// connects again.
+    stream: Option<std::net::TcpStream>,
+    namespace: Vec<u8>,
+    set: Vec<u8>,
+    bin: txgate::cache::aerospike::codec::BinName,
+    ttl: txgate::cache::aerospike::codec::Ttl,
+    out: Vec<u8>,
+    buf: Vec<u8>,
+}
+
+impl BlockingClient {
+    fn new(spec: &Spec) -> Result<Self, String> {
+        use txgate::cache::aerospike::codec::{BinName, Ttl};
+        let host = spec.hosts.first().ok_or("blocking: no seed host")?.clone();
+        let mut c = Self {
+            host,
+            op_timeout: spec.op_timeout.max(Duration::from_millis(1)),
+            stream: None,
+            namespace: spec.namespace.as_bytes().to_vec(),
+            set: spec.set.as_bytes().to_vec(),
+            bin: BinName::new(BIN.as_bytes()).map_err(|e| format!("blocking: bin name: {e}"))?,
+            // As txgate's backend and the official client's `Expiration`.
+            ttl: if spec.ttl_s == 0 {
+                Ttl::Never
+            } else {
+                Ttl::Seconds(spec.ttl_s)
+            },
+            out: Vec::with_capacity(256),
+            buf: vec![0; 4096],
+        };
+        // Connect before the warm-up, as the other clients do.
+        c.connect()?;
+        Ok(c)
+    }
+
+    fn connect(&mut self) -> Result<&mut std::net::TcpStream, String> {
+        use std::net::{TcpStream, ToSocketAddrs};
+        let host = &self.host;
+        let addrs = host
+            .to_socket_addrs()
+            .map_err(|e| format!("blocking: resolving {host}: {e}"))?;
+        let mut last = format!("blocking: {host} resolved to no address");
+        for addr in addrs {
+            match TcpStream::connect_timeout(&addr, BLOCKING_DIAL_TIMEOUT) {
+                Ok(s) => {
+                    let setup = s
+                        .set_nodelay(true)
+                        .and_then(|()| s.set_read_timeout(Some(self.op_timeout)))
+                        .and_then(|()| s.set_write_timeout(Some(self.op_timeout)));
+                    if let Err(e) = setup {
+                        last = format!("blocking: setting up the socket to {addr}: {e}");
+                        continue;
+                    }
+                    return Ok(self.stream.insert(s));
+                }
+                Err(e) => last = format!("blocking: connecting to {addr}: {e}"),
+            }
+        }
+        Err(last)
+    }
+
+    /// One create-only write of `key`: `Ok(true)` created, `Ok(false)` the
+    /// record exists.
+    fn set_nx(&mut self, key: &[u8]) -> Result<bool, String> {
+        let r = self.round_trip(key);
+        if r.as_ref().is_err_and(|(broken, _)| *broken) {
+            self.stream = None;
+        }
+        r.map_err(|(_, e)| e)
+    }
+
+    /// The write and its reply; an error says whether the stream is broken.
+    fn round_trip(&mut self, key: &[u8]) -> Result<bool, (bool, String)> {
+        use std::io::{Read, Write};
+        use txgate::cache::aerospike::codec::{
+            Op, Request, ResultCode, digest, encode_request, parse_reply,
+        };
+        let d = digest(&self.set, key);
+        let req = Request {
+            namespace: &self.namespace,
+            set: &self.set,
+            digest: &d,
+            timeout_ms: self.op_timeout.as_millis().min(u128::from(u32::MAX)) as u32,
+            op: Op::SetNx {
+                ttl: self.ttl,
+                bin: self.bin,
+                value: VALUE,
+            },
+        };
+        self.out.clear();
+        encode_request(&req, &mut self.out)
+            .map_err(|e| (false, format!("blocking: encoding: {e}")))?;
+        let timeout = self.op_timeout;
+        let stream = match self.stream.as_mut() {
+            Some(s) => s,
+            None => {
+                // Borrow dance: `connect` needs all of `self`.
+                self.connect().map_err(|e| (false, e))?;
+                self.stream
+                    .as_mut()
+                    .ok_or((false, "blocking: not connected".to_owned()))?
+            }
+        };
+        let started = Instant::now();
+        stream
+            .write_all(&self.out)
+            .map_err(|e| (true, format!("blocking: writing: {}", io_text(&e, timeout))))?;
+        // Bounded: each read waits at most the op timeout, a read after the
+        // deadline is not made, and the buffer stops at BLOCKING_REPLY_MAX.
+        let mut filled = 0;
+        loop {
+            match parse_reply(&self.buf[..filled]) {
+                Ok(Some((reply, used))) => {
+                    if used != filled {
+                        return Err((
+                            true,
+                            format!("blocking: {} bytes after the reply", filled - used),
+                        ));
+                    }
+                    return match reply.result {
+                        ResultCode::OK => Ok(true),
+                        ResultCode::RECORD_EXISTS => Ok(false),
+                        code => Err((
+                            false,
+                            format!("blocking: server answered {}", code.name().unwrap_or("?")),
+                        )),
+                    };
+                }
+                Ok(None) => {}
+                Err(e) => return Err((true, format!("blocking: reply: {e}"))),
+            }
+            if filled == self.buf.len() {
+                if filled >= BLOCKING_REPLY_MAX {
+                    return Err((
+                        true,
+                        format!("blocking: reply over {BLOCKING_REPLY_MAX} bytes"),
+                    ));
+                }
+                self.buf.resize((filled * 2).min(BLOCKING_REPLY_MAX), 0);
+            }
+            if filled > 0 && started.elapsed() >= timeout {
+                return Err((true, format!("blocking: timed out after {timeout:?}")));
+            }
+            match stream.read(&mut self.buf[filled..]) {
+                Ok(0) => return Err((true, "blocking: the server closed the connection".into())),
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err((true, format!("blocking: reading: {}", io_text(&e, timeout))));
+                }
+            }
+        }
+    }
+}
+
+/// An I/O error's text, a socket timeout named as one.
+fn io_text(e: &std::io::Error, timeout: Duration) -> String {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => format!("timed out after {timeout:?}"),
+        _ => e.to_string(),
+    }
+}
+
+fn run_blocking(spec: &Spec) -> Result<Measured, String> {
+    let mut client = BlockingClient::new(spec)?;
+    let (stop, warmup, probe) = (spec.stop, spec.warmup, spec.probe);
+    let mut warmed = blocking_phase(&mut client, warmup, prefix_of(spec.run_id, 1));
+    if !spec.settle.is_zero() {
+        std::thread::sleep(spec.settle);
+        let again = blocking_phase(&mut client, warmup, prefix_of(spec.run_id, 2));
+        warmed = warmed.merge(again);
+    }
+    let before = probe.snapshot();
+    let phase = blocking_phase(&mut client, stop, prefix_of(spec.run_id, 0));
+    let after = probe.snapshot();
+    Ok(Measured {
+        warmup: warmed,
+        phase,
+        before,
+        after,
+    })
+}
+
+/// One pass of the blocking client, bounded by `stop`.
+fn blocking_phase(client: &mut BlockingClient, stop: Stop, prefix: [u8; 16]) -> Tally {
+    let started = Instant::now();
+    let mut t = Tally::with_capacity(stop.per_task_hint(1));
+    let mut key = [0u8; KEY_LEN];
+    key[..16].copy_from_slice(&prefix);
+    let mut k = 0u64;
+    while stop.more(k, started) {
+        key[16..].copy_from_slice(&k.to_be_bytes());
+        k += 1;
+        let t0 = Instant::now();
+        let r = client.set_nx(&key);
+        let ns = t0.elapsed().as_nanos() as u64;
+        t.record(ns, r);
+    }
+    t
+}
+
 // ---------------------------------------------------------------- report
 
 /// Median of the values (mean of the middle two for an even count); `None`
@@ -969,12 +1218,14 @@ pub fn median(values: impl IntoIterator<Item = Option<f64>>) -> Option<f64> {
 /// Medians per (depth, client), in table order.
 pub fn summarize(results: &[RunResult], default_conns: usize) -> Vec<Summary> {
     let mut groups: BTreeMap<(usize, Client), Vec<&RunResult>> = BTreeMap::new();
+    let blocking = Client::Blocking.id();
     for r in results {
         let client = match r.conns_per_node {
             Some(n) => Client::Txgate {
                 conns_per_node: n,
                 gather_us: r.reply_gather_us.unwrap_or_else(default_gather_us),
             },
+            None if r.client == blocking => Client::Blocking,
             None => Client::Official,
         };
         groups.entry((r.depth, client)).or_default().push(r);
@@ -1059,6 +1310,7 @@ pub fn targets(s: &[Summary], depths: &[usize], default_conns: usize) -> Vec<Tar
             ),
             measured,
             pass,
+            informational: false,
         });
     }
     let (measured, pass) = ratios(s, one, depths, |x| x.ops_per_sec, |r| r >= 0.8);
@@ -1066,6 +1318,7 @@ pub fn targets(s: &[Summary], depths: &[usize], default_conns: usize) -> Vec<Tar
         claim: "ops/s with 1 conn/node >= 0.8x the official client's, every depth".to_owned(),
         measured,
         pass,
+        informational: false,
     });
     let (measured, pass) = ratios(s, default, depths, |x| x.ops_per_sec, |r| r >= 1.0);
     out.push(Target {
@@ -1074,8 +1327,53 @@ pub fn targets(s: &[Summary], depths: &[usize], default_conns: usize) -> Vec<Tar
         ),
         measured,
         pass,
+        informational: false,
     });
+    if depths.contains(&1) {
+        out.push(Target {
+            claim: "depth 1 floor: client CPU per op of a bare blocking round trip (one \
+                    write(2), blocking read(2) until the reply is whole)"
+                .to_owned(),
+            measured: floor_text(s, one).unwrap_or_default(),
+            pass: None,
+            informational: true,
+        });
+    }
     out
+}
+
+/// The blocking floor's CPU per op at depth 1 over the official client's:
+/// below 0.4 no client can meet the CPU target at depth 1. `None` without
+/// both rows.
+pub fn floor_ratio(s: &[Summary]) -> Option<(f64, f64)> {
+    let floor = find(s, Client::Blocking, 1)?.cpu_us_per_op;
+    let official = find(s, Client::Official, 1)?.cpu_us_per_op;
+    (official > 0.0).then(|| (floor, floor / official))
+}
+
+/// The depth-1 floor line: the floor, its share of the official client's
+/// CPU per op, what 0.4x would take, and txgate's 1-conn row against it.
+fn floor_text(s: &[Summary], txgate: Client) -> Option<String> {
+    let (floor, ratio) = floor_ratio(s)?;
+    let official = find(s, Client::Official, 1)?.cpu_us_per_op;
+    let need = 0.4 * official;
+    let mut t = format!(
+        "a blocking round trip costs {floor:.2} us of CPU, {ratio:.2}x the official client's \
+         {official:.2} us; a client at <= 0.4x would need <= {need:.2} us{}",
+        if need < floor {
+            ", below the floor"
+        } else {
+            ""
+        }
+    );
+    if let Some(x) = find(s, txgate, 1).filter(|_| floor > 0.0) {
+        t.push_str(&format!(
+            "; txgate 1 conn/node: {:.2} us, {:.2}x the floor",
+            x.cpu_us_per_op,
+            x.cpu_us_per_op / floor
+        ));
+    }
+    Some(t)
 }
 
 pub fn fmt_rate(v: f64) -> String {
@@ -1154,7 +1452,8 @@ pub fn table(s: &[Summary], depths: &[usize]) -> String {
         .collect();
     txgates.sort();
     txgates.dedup();
-    if !txgates.is_empty() && s.iter().any(|x| x.conns_per_node.is_none()) {
+    let official = Client::Official.id();
+    if !txgates.is_empty() && s.iter().any(|x| x.client == official) {
         t.push_str("\ntxgate / official client (medians):\n");
         t.push_str(&format!("{:<48}", ""));
         for d in depths {
@@ -1180,6 +1479,21 @@ pub fn table(s: &[Summary], depths: &[usize]) -> String {
                 t.push('\n');
             }
         }
+        // The floor's row: what no client can beat at depth 1.
+        if s.iter().any(|x| x.client == Client::Blocking.id()) {
+            let label = Client::Blocking.label(0);
+            t.push_str(&format!("{:<48}", format!("CPU/op  {label}")));
+            for &d in depths {
+                let cell = match (find(s, Client::Blocking, d), find(s, Client::Official, d)) {
+                    (Some(a), Some(b)) if b.cpu_us_per_op > 0.0 => {
+                        format!("{:.2}x", a.cpu_us_per_op / b.cpu_us_per_op)
+                    }
+                    _ => "n/a".to_owned(),
+                };
+                t.push_str(&format!(" {cell:>9}"));
+            }
+            t.push('\n');
+        }
     }
     t
 }
@@ -1188,6 +1502,7 @@ pub fn targets_text(ts: &[Target]) -> String {
     let mut t = String::from("Targets (from the medians):\n");
     for x in ts {
         let verdict = match x.pass {
+            _ if x.informational => "info",
             Some(true) => "PASS",
             Some(false) => "FAIL",
             None => "n/a ",
@@ -1285,6 +1600,15 @@ pub fn notes(results: &[RunResult], summary: &[Summary]) -> Vec<String> {
             failed.join("; ")
         ));
     }
+    if let Some((floor, ratio)) = floor_ratio(summary)
+        && ratio > 0.4
+    {
+        n.push(format!(
+            "at depth 1 a bare blocking round trip already costs {floor:.2} us of CPU per op, \
+             {ratio:.2}x the official client's: no client that waits for each reply can be \
+             at <= 0.4x there on this machine"
+        ));
+    }
     n
 }
 
@@ -1300,7 +1624,7 @@ pub fn locked_version(name: &str) -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
-/// Both clients, with their versions and every setting that matters.
+/// Every client, with its version and every setting that matters.
 pub fn clients_json(plan: &Plan) -> serde_json::Value {
     let (cp, wp) = official_policies(plan.op_timeout, plan.ttl_s, 1);
     serde_json::json!({
@@ -1353,6 +1677,28 @@ pub fn clients_json(plan: &Plan) -> serde_json::Value {
                     "max_retries": wp.base_policy.max_retries,
                     "commit_level": format!("{:?}", wp.commit_level),
                 },
+                "thread": match plan.core { Some(c) => format!("process pinned to CPU {c}"), None => "unbound".to_owned() },
+            },
+        },
+        "blocking": {
+            "version": "std::net::TcpStream, txgate codec",
+            "how": "one std::net::TcpStream to the first seed; per write: \
+                    txgate::cache::aerospike::codec::encode_request (CREATE_ONLY, digest of the \
+                    blob key) into a reused buffer, write_all, then blocking read(2) into a \
+                    reused buffer until parse_reply has the whole reply. No routing: writes \
+                    whose partition another node masters are proxied by the seed",
+            "in_this_run": plan.clients.contains(&Client::Blocking) && plan.depths.contains(&1),
+            "settings": {
+                "io": "blocking",
+                "connections": "one, to the first seed",
+                "seed": plan.hosts.first(),
+                "depths": "1 only",
+                "tcp_nodelay": true,
+                "read_write_timeout_ms": plan.op_timeout.as_millis() as u64,
+                "dial_timeout_ms": BLOCKING_DIAL_TIMEOUT.as_millis() as u64,
+                "reply_max_bytes": BLOCKING_REPLY_MAX,
+                "aero_set": plan.set,
+                "aero_bin": BIN,
                 "thread": match plan.core { Some(c) => format!("process pinned to CPU {c}"), None => "unbound".to_owned() },
             },
         },
