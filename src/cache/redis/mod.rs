@@ -36,6 +36,12 @@ use resp::{Reply, decode_reply, encode_command};
 /// Shortest gap between two slot-map refreshes of one shard.
 const REFRESH_GAP: Duration = Duration::from_millis(100);
 
+/// How often a shard re-reads the slot map while a master's connection is
+/// down: a failover promotes a replica only after the cluster's node
+/// timeout, and nothing else would tell this shard (the dead master sends no
+/// `MOVED`, and failed redials count no new disconnects).
+const DOWN_REFRESH_EVERY: Duration = Duration::from_secs(1);
+
 /// RESP2 as the pipeline's reply codec.
 pub struct Resp;
 
@@ -146,7 +152,9 @@ impl RedisBackend {
                     conns: RefCell::new(HashMap::new()),
                     dialing: RefCell::new(Vec::new()),
                     refresh_wanted: Cell::new(false),
+                    refreshing: Cell::new(false),
                     refreshed_at: Cell::new(Instant::now()),
+                    retired: RefCell::new(Vec::new()),
                     disconnects_seen: Cell::new(0),
                     redirects: Cell::default(),
                 });
@@ -204,7 +212,12 @@ struct Cluster {
     /// Nodes being dialed: a second caller fails fast instead of dialing twice.
     dialing: RefCell<Vec<NodeAddr>>,
     refresh_wanted: Cell<bool>,
+    /// A refresh task is running: at most one at a time.
+    refreshing: Cell<bool>,
     refreshed_at: Cell<Instant>,
+    /// Connections a new map no longer names, kept (and swept, so their
+    /// calls still time out) until nothing is in flight on them.
+    retired: RefCell<Vec<Rc<Pipeline<Resp>>>>,
     disconnects_seen: Cell<u64>,
     redirects: Cell<Redirects>,
 }
@@ -246,11 +259,16 @@ impl Cluster {
             return Err(CallError::Disconnected);
         }
         self.dialing.borrow_mut().push(node.clone());
+        // Unlists the node however the dial ends, a dropped caller included:
+        // a node left listed would fail every later call to it.
+        let _dialing = Dialing {
+            cluster: self,
+            node,
+        };
         // Boxed: the dial (TLS handshake included) is a cold path whose
         // future is kilobytes; inline, every hot-path call would carry and
         // copy it.
         let dialed = Box::pin(self.dial_node(node)).await;
-        self.dialing.borrow_mut().retain(|n| n != node);
         match dialed {
             Ok(p) => {
                 self.conns.borrow_mut().insert(node.clone(), p.clone());
@@ -304,16 +322,25 @@ impl Cluster {
         self.redirects.set(r);
     }
 
-    fn sweep(&self, now: Instant) {
+    /// Times out every connection's overdue calls (retired ones included)
+    /// and says whether a master's connection is down now.
+    fn sweep(&self, now: Instant) -> bool {
         let mut disconnects = 0;
+        let mut down = false;
         for p in self.conns.borrow().values() {
             p.sweep(now);
             disconnects += p.counters().disconnects;
+            down |= !p.is_up();
         }
         if disconnects != self.disconnects_seen.get() {
             self.disconnects_seen.set(disconnects);
             self.refresh_wanted.set(true);
         }
+        self.retired.borrow_mut().retain(|p| {
+            p.sweep(now);
+            p.inflight() > 0
+        });
+        down
     }
 
     /// Reads `CLUSTER SLOTS` from any live master and swaps the map in.
@@ -329,16 +356,13 @@ impl Cluster {
             .cloned()
             .collect();
         for p in live {
-            let Ok(mut reply) = p.call(|b| encode_command(b, &[b"CLUSTER", b"SLOTS"])).await else {
+            let Ok(mut reply) = self.map_call(&p, b"SLOTS").await else {
                 continue;
             };
             let seed = &self.settings.seed_host;
             if matches!(reply, Reply::Error(_)) {
                 // A server without the deprecated command: ask CLUSTER SHARDS.
-                let Ok(shards) = p
-                    .call(|b| encode_command(b, &[b"CLUSTER", b"SHARDS"]))
-                    .await
-                else {
+                let Ok(shards) = self.map_call(&p, b"SHARDS").await else {
                     continue;
                 };
                 reply = shards;
@@ -365,25 +389,72 @@ impl Cluster {
         self.refresh_wanted.set(true);
     }
 
+    /// `CLUSTER <what>` on `p`, given up after the op timeout by itself:
+    /// the refresh must end even if the shard's sweep has stopped (the
+    /// shard is being dropped), and a stuck master must not hold it.
+    async fn map_call(&self, p: &Pipeline<Resp>, what: &[u8]) -> Result<Reply, CallError> {
+        use futures_lite::FutureExt;
+        let limit = self.settings.op_timeout;
+        p.call(|b| encode_command(b, &[b"CLUSTER", what]))
+            .or(async {
+                glommio::timer::sleep(limit).await;
+                Err(CallError::Timeout(limit))
+            })
+            .await
+    }
+
     fn swap_map(&self, map: SlotMap) {
         let keep: Vec<NodeAddr> = map.nodes().to_vec();
         *self.map.borrow_mut() = map;
-        // Drop connections to nodes that serve nothing now.
-        self.conns.borrow_mut().retain(|n, _| keep.contains(n));
+        // Retire connections to nodes that serve nothing now; calls still on
+        // them keep being swept until they end.
+        let mut retired = self.retired.borrow_mut();
+        self.conns.borrow_mut().retain(|n, p| {
+            let kept = keep.contains(n);
+            if !kept && p.inflight() > 0 {
+                retired.push(p.clone());
+            }
+            kept
+        });
     }
 }
 
 /// Per shard: the op-timeout sweep of every connection and, when wanted,
-/// a slot-map refresh (cold path, rate-limited).
+/// a slot-map refresh (cold path, rate-limited). The refresh runs as its own
+/// task: its calls time out only through this sweep, so the sweep must never
+/// wait on them (a master that stops answering would stop every timeout).
 async fn cluster_upkeep(weak: Weak<Cluster>, every: Duration) {
     loop {
         glommio::timer::sleep(every).await;
         let Some(c) = weak.upgrade() else { return };
         let now = Instant::now();
-        c.sweep(now);
-        if c.refresh_wanted.get() && now.duration_since(c.refreshed_at.get()) >= REFRESH_GAP {
-            c.refresh().await;
+        let down = c.sweep(now);
+        let since = now.duration_since(c.refreshed_at.get());
+        let due = (c.refresh_wanted.get() && since >= REFRESH_GAP)
+            || (down && since >= DOWN_REFRESH_EVERY);
+        if due && !c.refreshing.get() {
+            c.refreshing.set(true);
+            let weak = weak.clone();
+            glommio::spawn_local(async move {
+                if let Some(c) = weak.upgrade() {
+                    c.refresh().await;
+                    c.refreshing.set(false);
+                }
+            })
+            .detach();
         }
+    }
+}
+
+/// Unlists a node from [`Cluster::dialing`] when its dial ends.
+struct Dialing<'a> {
+    cluster: &'a Cluster,
+    node: &'a NodeAddr,
+}
+
+impl Drop for Dialing<'_> {
+    fn drop(&mut self) {
+        self.cluster.dialing.borrow_mut().retain(|n| n != self.node);
     }
 }
 
