@@ -122,6 +122,11 @@ impl GatherPace {
     }
 }
 
+/// Written bytes at the front of the write buffer past which the driver
+/// moves the unwritten rest down (when it is at most as long), so a socket
+/// that never quite drains cannot grow the buffer without bound.
+const WBUF_COMPACT_BYTES: usize = 64 << 10;
+
 /// Requests that must remain in flight for a pause before the next read
 /// (see [`PipelineConfig::reply_gather`]): with fewer, each wait would save
 /// little and delay every one of them.
@@ -561,6 +566,12 @@ async fn run<P: Protocol, S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 if written == st.wbuf.len() {
                     st.wbuf.clear();
+                    written = 0;
+                } else if written >= WBUF_COMPACT_BYTES && written * 2 >= st.wbuf.len() {
+                    // Requests keep arriving while the socket lags: without
+                    // this, the written prefix would grow for as long as the
+                    // buffer never empties.
+                    st.wbuf.drain(..written);
                     written = 0;
                 }
             }
