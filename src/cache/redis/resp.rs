@@ -14,6 +14,9 @@ use redis_protocol::resp2::types::RangeFrame;
 pub const DEPTH_MAX: usize = 8;
 /// Largest reply element accepted: a 512 MiB Redis string.
 pub const BULK_MAX: usize = 512 << 20;
+/// Longest status (`+`) or error (`-`) line accepted: servers send short
+/// ones (`OK`, `PONG`, `MOVED 3999 10.0.0.1:6379`).
+pub const LINE_MAX: usize = 64 << 10;
 
 /// A parsed reply. `+OK` gets its own arm so the common SET reply allocates
 /// nothing.
@@ -127,12 +130,22 @@ fn frame_len(buf: &[u8]) -> Result<Option<usize>, RespError> {
             return Ok(None);
         };
         let Some(line_end) = find_crlf(buf, at + 1) else {
-            // A header line longer than any valid one cannot become valid.
-            if buf.len() - at > 64 && kind != b'+' && kind != b'-' {
+            // A header line longer than any valid one cannot become valid;
+            // nor can a status or error line past its bound (each read
+            // rescans it: unbounded, a broken peer could pin the shard).
+            let bound = if kind == b'+' || kind == b'-' {
+                LINE_MAX
+            } else {
+                64
+            };
+            if buf.len() - at > bound {
                 return Err(RespError::Length { at });
             }
             return Ok(None);
         };
+        if line_end - at > LINE_MAX {
+            return Err(RespError::Length { at });
+        }
         let line = &buf[at + 1..line_end];
         let next = line_end + 2;
         match kind {
@@ -271,6 +284,23 @@ mod tests {
         assert_eq!(decode_reply(&deep), Err(RespError::Depth));
         let deep_ok = [b"*1\r\n".repeat(DEPTH_MAX), b":1\r\n".to_vec()].concat();
         assert!(decode_reply(&deep_ok).unwrap().is_some());
+    }
+
+    #[test]
+    fn bounds_status_and_error_lines() {
+        for kind in [b'+', b'-'] {
+            let mut line = vec![kind];
+            line.resize(LINE_MAX, b'x');
+            line.extend_from_slice(b"\r\n");
+            assert!(decode_reply(&line).unwrap().is_some(), "at the bound");
+            // Past it: refused whole, and refused before the line ends.
+            line.insert(1, b'x');
+            assert!(decode_reply(&line).is_err());
+            assert!(decode_reply(&line[..LINE_MAX + 2]).is_err());
+            // A long status line inside an array too.
+            let nested = [b"*1\r\n".as_slice(), &line].concat();
+            assert!(decode_reply(&nested).is_err());
+        }
     }
 
     #[test]
