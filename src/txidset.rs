@@ -59,6 +59,18 @@ impl Default for TxIdSetConfig {
     }
 }
 
+/// Where a set's claim sequence starts: random high 32 bits, so values stay
+/// unique per claim across restarts that reuse the instance id and shard (a
+/// container's pid and hostname often repeat), which the `SET NX GET` retry
+/// relies on: a value from the previous run read back must not look like ours.
+fn first_claim_seq() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let high = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    (high >> 32) << 32
+}
+
 /// `hostname-pid`, trimmed to [`INSTANCE_ID_MAX`].
 pub fn default_instance_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -210,7 +222,7 @@ impl TxIdSet {
             ))),
             backend_latency: RefCell::new(LatencyHistogram::default()),
             backend: RefCell::new(backend),
-            claim_seq: Cell::new(0),
+            claim_seq: Cell::new(first_claim_seq()),
             counters: Cell::new(ClaimCounters::default()),
         })
     }
@@ -310,7 +322,7 @@ impl TxIdSet {
                 return Claim::Done(Verdict::Forward(Forward::FailOpen));
             }
         };
-        let seq = self.claim_seq.get() + 1;
+        let seq = self.claim_seq.get().wrapping_add(1);
         self.claim_seq.set(seq);
         Claim::Novel(NovelClaim {
             pending: self.pending.clone(),
@@ -575,6 +587,15 @@ mod tests {
     }
 
     #[test]
+    fn claim_sequences_start_apart_in_every_set() {
+        // A restart reusing instance id and shard must not reuse values.
+        let starts: std::collections::HashSet<u64> =
+            (0..64).map(|_| set(None).claim_seq.get()).collect();
+        assert_eq!(starts.len(), 64);
+        assert!(starts.iter().all(|s| s % (1 << 32) == 0));
+    }
+
+    #[test]
     fn stored_value_names_the_claimant_uniquely_per_claim() {
         let shard = Rc::new(ShardBackend::Memory(MemoryBackend::new(0).shard(0, 1)));
         let s = set(None);
@@ -587,8 +608,9 @@ mod tests {
         k2.extend([2u8; 16]);
         let v1 = run(shard.get(&k1)).unwrap().unwrap();
         let v2 = run(shard.get(&k2)).unwrap().unwrap();
-        assert_eq!(v1, b"test:0:1");
-        assert_eq!(v2, b"test:0:2");
+        let first = s.claim_seq.get() - 1;
+        assert_eq!(v1, format!("test:0:{first}").as_bytes());
+        assert_eq!(v2, format!("test:0:{}", first + 1).as_bytes());
     }
 
     #[test]
