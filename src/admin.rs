@@ -122,11 +122,18 @@ pub fn parse_request(head: &[u8]) -> Result<(bool, &str), RequestError> {
 }
 
 fn answer(mut conn: TcpStream, handler: &dyn Fn(&str) -> Response) -> io::Result<()> {
-    conn.set_read_timeout(Some(IO_TIMEOUT))?;
+    // One deadline for the whole request, not per read: a client trickling
+    // a byte at a time must not hold the only admin thread.
+    let deadline = std::time::Instant::now() + IO_TIMEOUT;
     conn.set_write_timeout(Some(IO_TIMEOUT))?;
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        conn.set_read_timeout(Some(left))?;
         if head.len() >= REQUEST_MAX_BYTES {
             write_response(
                 &mut conn,
@@ -257,5 +264,37 @@ mod tests {
         assert!(get(a, &big).starts_with("HTTP/1.1 431"));
         drop(admin);
         assert!(TcpStream::connect_timeout(&a, Duration::from_millis(500)).is_err());
+    }
+
+    #[test]
+    fn a_client_trickling_its_request_is_cut_off_after_one_timeout() {
+        let admin = Admin::start(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(|_: &str| Response::text(200, "ok\n")),
+        )
+        .unwrap();
+        let a = admin.local_addr();
+        let mut slow = TcpStream::connect(a).unwrap();
+        let started = std::time::Instant::now();
+        // A byte every 300 ms: each read is quick, the request never ends.
+        let mut cut_off = None;
+        for b in b"GET /livez HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa".iter() {
+            if slow.write_all(&[*b]).is_err() {
+                cut_off = Some(started.elapsed());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            slow.set_read_timeout(Some(Duration::from_millis(1)))
+                .unwrap();
+            let mut buf = [0u8; 16];
+            if matches!(slow.read(&mut buf), Ok(0)) {
+                cut_off = Some(started.elapsed());
+                break;
+            }
+        }
+        let cut_off = cut_off.expect("the server closed the trickling connection");
+        assert!(cut_off < IO_TIMEOUT + Duration::from_secs(1), "{cut_off:?}");
+        // And the thread is free for the next client.
+        assert!(get(a, "GET /livez HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 200"));
     }
 }
