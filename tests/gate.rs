@@ -484,3 +484,39 @@ fn a_flooded_shard_keeps_publishing() {
     sender.join().unwrap();
     gate.shutdown();
 }
+
+/// The same with claims waiting on a network store: a read that comes back
+/// short sends the shard to wait for the next datagram, and under steady
+/// traffic that wait completes at once (one is already queued), so it never
+/// lets the runtime turn. The turn must come anyway: the store's requests
+/// are written, its replies read and the counters published by other tasks
+/// of the shard. Before the fix the shard could keep its core for as long as
+/// datagrams kept arriving (the counters froze and no claim completed).
+#[test]
+fn a_streamed_shard_with_claims_on_the_store_keeps_turning() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let redis = RedisServer::start();
+    let sink = Sink::start();
+    let mut c = config(1, &sink);
+    c.store = redis_store(&redis.addr());
+    let gate = Gate::start(c).unwrap();
+    let to = gate.local_addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = stream(to, stop.clone(), Duration::from_secs(8), None);
+    published_values(&gate, 5, Duration::from_secs(8));
+    let decided: u64 = gate
+        .snapshots()
+        .iter()
+        .map(|s| s.claims.won + s.claims.lost)
+        .sum();
+    assert!(
+        !sender.is_finished(),
+        "the stream was still on while the counters moved"
+    );
+    assert!(decided > 0, "claims completed through the store mid-stream");
+    stop.store(true, Ordering::Relaxed);
+    sender.join().unwrap();
+    gate.shutdown();
+}

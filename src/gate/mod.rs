@@ -472,16 +472,20 @@ impl Gate {
                 None => true,
             }
         });
-        match futures_lite::future::block_on(probe) {
-            Ok(true) => (true, "ready".into()),
-            Ok(false) => (
+        match block_on_within(probe, READINESS_WAIT) {
+            None => (
+                false,
+                format!("not ready: shard 0 did not answer the probe within {READINESS_WAIT:?}"),
+            ),
+            Some(Ok(true)) => (true, "ready".into()),
+            Some(Ok(false)) => (
                 false,
                 format!(
                     "not ready: the {} store fails its health check; claims fail open",
                     self.store_kind
                 ),
             ),
-            Err(e) => (false, format!("not ready: {e}")),
+            Some(Err(e)) => (false, format!("not ready: {e}")),
         }
     }
 
@@ -878,4 +882,33 @@ pub fn render_metrics(
     );
     let _ = writeln!(out, "txgate_uptime_seconds {}", uptime.as_secs_f64());
     out
+}
+
+/// How long `/readyz` waits for shard 0 to run its store probe (which has its
+/// own, shorter timeout): a shard that does not get to it in time is itself
+/// a reason not to be ready, and the admin thread must not wait forever.
+const READINESS_WAIT: Duration = Duration::from_secs(2);
+
+/// Runs `fut` on this thread until it completes or `limit` passes.
+fn block_on_within<F: std::future::Future>(fut: F, limit: Duration) -> Option<F::Output> {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(std::sync::Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut fut = std::pin::pin!(fut);
+    let deadline = Instant::now() + limit;
+    loop {
+        if let std::task::Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+            return Some(v);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        std::thread::park_timeout(left);
+    }
 }

@@ -382,8 +382,22 @@ impl GateShard {
                 got => return Some(got),
             }
         }
-        let readable = wait_readable(listen, stop).await;
-        *reactor_at = Instant::now();
+        // The wait below yields only when nothing is queued yet: under
+        // steady traffic it completes at once, so it cannot be relied on to
+        // let the runtime turn (store replies, hand-overs, timers).
+        if reactor_at.elapsed() >= self.reactor_every() {
+            step_aside().await;
+            *reactor_at = Instant::now();
+        }
+        let mut wait = std::pin::pin!(wait_readable(listen, stop));
+        let readable = match futures_lite::future::poll_once(&mut wait).await {
+            Some(readable) => readable,
+            None => {
+                let readable = wait.await;
+                *reactor_at = Instant::now();
+                readable
+            }
+        };
         readable.then(|| batch.recv(listen.as_raw_fd()))
     }
 
