@@ -196,3 +196,111 @@ fn cluster_shards_is_used_when_cluster_slots_is_refused() {
         );
     }
 }
+
+/// Runs `op` on `e` from a helper thread; `None` if no answer came within
+/// `within` (the op hangs).
+fn op_within(e: &Arc<Engine>, key: &str, within: Duration) -> Option<Result<Reply, String>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (e, key) = (e.clone(), key.to_owned());
+    std::thread::spawn(move || {
+        let op = Op::Set {
+            key: key.clone().into_bytes(),
+            val: b"v".to_vec(),
+            ttl: Duration::ZERO,
+        };
+        let _ = tx.send(e.op_blocking(key.as_bytes(), op).map_err(|e| e.to_string()));
+    });
+    rx.recv_timeout(within).ok()
+}
+
+/// A key whose slot node `node` masters.
+fn key_on(cluster: &RedisCluster, node: usize, tag: &str) -> String {
+    (0..10_000)
+        .map(|i| format!("{tag}:{i}"))
+        .find(|k| cluster.node_for_key(k.as_bytes()) == node)
+        .expect("some key lands on every master")
+}
+
+/// A master that stops answering (SIGSTOP) while the shard re-reads its
+/// slot map must not stop the shard's timeouts: the re-read asks a stopped
+/// master, and until the fix the shard's sweep waited on that call, so from
+/// then on no op of the shard ever timed out.
+#[test]
+fn a_stopped_master_does_not_stop_the_shards_timeouts() {
+    require_redis();
+    let cluster = RedisCluster::start();
+    let mut cfg = config(&cluster.seed_addr());
+    cfg.op_timeout = Duration::from_millis(200);
+    let e = Arc::new(support::engine(1, cache::open(&cfg).unwrap()));
+    let key = key_on(&cluster, 1, "stopped");
+    // Both other masters stop answering; the loss of node 0 makes the
+    // shard re-read its map, from a stopped master whichever it asks.
+    std::thread::sleep(Duration::from_millis(300));
+    cluster.node(1).pause();
+    cluster.node(2).pause();
+    cluster.node(0).kill9();
+    std::thread::sleep(Duration::from_millis(300));
+    for round in 0..5 {
+        let got = op_within(&e, &key, cfg.op_timeout + Duration::from_secs(2));
+        assert!(
+            matches!(got, Some(Err(_))),
+            "round {round}: an op on a stopped master must time out, got {got:?}"
+        );
+    }
+    cluster.node(1).resume();
+    cluster.node(2).resume();
+}
+
+/// A master gone for good whose slots the cluster gives to another master
+/// (what a failover does): the shard must notice by itself. The dead master
+/// sends no MOVED and failed redials count no new disconnects, so until the
+/// fix the shard kept its first map (taken while the others still listed the
+/// dead master) and failed those slots forever.
+#[test]
+fn slots_reassigned_from_a_dead_master_are_found_by_themselves() {
+    require_redis();
+    let cluster = RedisCluster::start();
+    let mut cfg = config(&cluster.seed_addr());
+    cfg.op_timeout = Duration::from_millis(200);
+    let e = Arc::new(support::engine(1, cache::open(&cfg).unwrap()));
+    let dead = 2;
+    let key = key_on(&cluster, dead, "reassigned");
+    let ranges: Vec<_> = cluster
+        .slot_ranges()
+        .into_iter()
+        .filter(|&(_, _, n)| n == dead)
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    cluster.node(dead).kill9();
+    // The shard's first re-read, right after the loss, still names it.
+    std::thread::sleep(Duration::from_millis(500));
+    let got = op_within(&e, &key, Duration::from_secs(5));
+    assert!(matches!(got, Some(Err(_))), "{got:?}");
+    // Node 1 takes the dead master's slots over, with a newer epoch.
+    for (first, last, _) in &ranges {
+        let (first, last) = (first.to_string(), last.to_string());
+        cluster
+            .node(1)
+            .cmd(&["CLUSTER", "DELSLOTSRANGE", &first, &last])
+            .expect_ok("DELSLOTSRANGE");
+        cluster
+            .node(1)
+            .cmd(&["CLUSTER", "ADDSLOTSRANGE", &first, &last])
+            .expect_ok("ADDSLOTSRANGE");
+    }
+    cluster.node(1).cmd(&["CLUSTER", "BUMPEPOCH"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut last = None;
+    while std::time::Instant::now() < deadline {
+        last = op_within(&e, &key, Duration::from_secs(5));
+        if matches!(last, Some(Ok(_))) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        matches!(last, Some(Ok(Reply::Set))),
+        "the reassigned slot never served the shard again: {last:?}"
+    );
+    assert_eq!(cluster.node(1).cli(&["GET", &key]).trim(), "v");
+}
