@@ -213,6 +213,16 @@ fn op_within(e: &Arc<Engine>, key: &str, within: Duration) -> Option<Result<Repl
     rx.recv_timeout(within).ok()
 }
 
+/// A fresh cluster and a one-shard engine on it with a 200 ms op timeout.
+fn one_shard_with_short_timeouts() -> (RedisCluster, Config, Arc<Engine>) {
+    require_redis();
+    let cluster = RedisCluster::start();
+    let mut cfg = config(&cluster.seed_addr());
+    cfg.op_timeout = Duration::from_millis(200);
+    let e = Arc::new(support::engine(1, cache::open(&cfg).unwrap()));
+    (cluster, cfg, e)
+}
+
 /// A key whose slot node `node` masters.
 fn key_on(cluster: &RedisCluster, node: usize, tag: &str) -> String {
     (0..10_000)
@@ -227,11 +237,7 @@ fn key_on(cluster: &RedisCluster, node: usize, tag: &str) -> String {
 /// then on no op of the shard ever timed out.
 #[test]
 fn a_stopped_master_does_not_stop_the_shards_timeouts() {
-    require_redis();
-    let cluster = RedisCluster::start();
-    let mut cfg = config(&cluster.seed_addr());
-    cfg.op_timeout = Duration::from_millis(200);
-    let e = Arc::new(support::engine(1, cache::open(&cfg).unwrap()));
+    let (cluster, cfg, e) = one_shard_with_short_timeouts();
     let key = key_on(&cluster, 1, "stopped");
     // Both other masters stop answering; the loss of node 0 makes the
     // shard re-read its map, from a stopped master whichever it asks.
@@ -258,11 +264,7 @@ fn a_stopped_master_does_not_stop_the_shards_timeouts() {
 /// dead master) and failed those slots forever.
 #[test]
 fn slots_reassigned_from_a_dead_master_are_found_by_themselves() {
-    require_redis();
-    let cluster = RedisCluster::start();
-    let mut cfg = config(&cluster.seed_addr());
-    cfg.op_timeout = Duration::from_millis(200);
-    let e = Arc::new(support::engine(1, cache::open(&cfg).unwrap()));
+    let (cluster, cfg, e) = one_shard_with_short_timeouts();
     let dead = 2;
     let key = key_on(&cluster, dead, "reassigned");
     let ranges: Vec<_> = cluster
