@@ -264,7 +264,7 @@ fn a_stopped_master_does_not_stop_the_shards_timeouts() {
 /// dead master) and failed those slots forever.
 #[test]
 fn slots_reassigned_from_a_dead_master_are_found_by_themselves() {
-    let (cluster, cfg, e) = one_shard_with_short_timeouts();
+    let (cluster, _, e) = one_shard_with_short_timeouts();
     let dead = 2;
     let key = key_on(&cluster, dead, "reassigned");
     let ranges: Vec<_> = cluster
