@@ -490,8 +490,10 @@ fn a_flooded_shard_keeps_publishing() {
 /// traffic that wait completes at once (one is already queued), so it never
 /// lets the runtime turn. The turn must come anyway: the store's requests
 /// are written, its replies read and the counters published by other tasks
-/// of the shard. Before the fix the shard could keep its core for as long as
-/// datagrams kept arriving (the counters froze and no claim completed).
+/// of the shard. (Before the fix the shard could keep its core for as long
+/// as datagrams kept arriving just fast enough; this stream does not hit
+/// that window reliably — it passed on the old code too — so it guards the
+/// path end to end rather than pinning the fix.)
 #[test]
 fn a_streamed_shard_with_claims_on_the_store_keeps_turning() {
     use std::sync::Arc;
