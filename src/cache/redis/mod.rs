@@ -36,6 +36,11 @@ use resp::{Reply, decode_reply, encode_command};
 /// Shortest gap between two slot-map refreshes of one shard.
 const REFRESH_GAP: Duration = Duration::from_millis(100);
 
+/// After a failed dial of a cluster node, how long calls for it fail fast
+/// instead of dialing again (one dial per claim against a dead host would
+/// make each claim wait the dial timeout).
+const REDIAL_GAP: Duration = Duration::from_millis(250);
+
 /// How often a shard re-reads the slot map while a master's connection is
 /// down: a failover promotes a replica only after the cluster's node
 /// timeout, and nothing else would tell this shard (the dead master sends no
@@ -151,6 +156,7 @@ impl RedisBackend {
                     map: RefCell::new(map.clone()),
                     conns: RefCell::new(HashMap::new()),
                     dialing: RefCell::new(Vec::new()),
+                    dial_failed: RefCell::new(HashMap::new()),
                     refresh_wanted: Cell::new(false),
                     refreshing: Cell::new(false),
                     refreshed_at: Cell::new(Instant::now()),
@@ -211,6 +217,8 @@ struct Cluster {
     conns: RefCell<HashMap<NodeAddr, Rc<Pipeline<Resp>>>>,
     /// Nodes being dialed: a second caller fails fast instead of dialing twice.
     dialing: RefCell<Vec<NodeAddr>>,
+    /// When each node's last dial failed (see [`REDIAL_GAP`]).
+    dial_failed: RefCell<HashMap<NodeAddr, Instant>>,
     refresh_wanted: Cell<bool>,
     /// A refresh task is running: at most one at a time.
     refreshing: Cell<bool>,
@@ -255,7 +263,13 @@ impl Cluster {
         if let Some(p) = self.conns.borrow().get(node) {
             return Ok(p.clone());
         }
-        if self.dialing.borrow().contains(node) {
+        if self.dialing.borrow().contains(node)
+            || self
+                .dial_failed
+                .borrow()
+                .get(node)
+                .is_some_and(|at| at.elapsed() < REDIAL_GAP)
+        {
             return Err(CallError::Disconnected);
         }
         self.dialing.borrow_mut().push(node.clone());
@@ -271,11 +285,16 @@ impl Cluster {
         let dialed = Box::pin(self.dial_node(node)).await;
         match dialed {
             Ok(p) => {
+                self.dial_failed.borrow_mut().remove(node);
                 self.conns.borrow_mut().insert(node.clone(), p.clone());
                 Ok(p)
             }
             Err(e) => {
                 tracing::debug!(error = %e, "dialing a cluster node failed");
+                let mut failed = self.dial_failed.borrow_mut();
+                // Bounded by the nodes maps have named; forget the stale.
+                failed.retain(|_, at| at.elapsed() < REDIAL_GAP);
+                failed.insert(node.clone(), Instant::now());
                 Err(CallError::Disconnected)
             }
         }
