@@ -178,6 +178,9 @@ pub(super) async fn serve(shard: Rc<Shard>, io: ShardIo, plan: Arc<ShardPlan>) -
         give_up: Rc::new(glommio::sync::Semaphore::new(0)),
         stats: io.stats,
     });
+    // A second handle on the hand-over channel: what the hop loop has not
+    // taken when the drain gives up on it is forwarded, not lost.
+    let leftover = io.hop_rx.clone();
     let hops = glommio::spawn_local(hop_loop(g.clone(), io.hop_rx));
     let publisher = {
         let g = g.clone();
@@ -201,6 +204,23 @@ pub(super) async fn serve(shard: Rc<Shard>, io: ShardIo, plan: Arc<ShardPlan>) -
         Ok(())
     })
     .await;
+    let mut out = SendBatch::with_capacity(g.plan.batch);
+    // Bounded: a shard still reading may keep sending until this handle goes
+    // (after it, its sends fail and it forwards them itself).
+    let bound = leftover.capacity().unwrap_or(g.plan.batch);
+    for p in (0..bound).map_while(|_| leftover.try_recv().ok()) {
+        if out.len() == g.plan.batch {
+            g.flush(&mut out);
+        }
+        out.push(&p);
+        g.count(|c| {
+            c.hops_in += 1;
+            c.forwarded += 1;
+            c.drain_forwarded += 1;
+        });
+    }
+    g.flush(&mut out);
+    drop(leftover);
     while g.inflight.get() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(1)).await;
     }
@@ -329,7 +349,7 @@ impl GateShard {
                 if self.shards > 1 {
                     let owner = route(txid, self.shards);
                     if owner != me {
-                        self.hop(owner as usize, pkt).await;
+                        self.hop(owner as usize, pkt, &mut out).await;
                         continue;
                     }
                 }
@@ -402,14 +422,22 @@ impl GateShard {
     }
 
     /// Hands `pkt` to its owner; waits while the owner's channel is full
-    /// (back-pressure onto this socket), never drops it.
-    async fn hop(&self, owner: usize, pkt: &[u8]) {
+    /// (back-pressure onto this socket), never drops it. An owner that has
+    /// already finished draining cannot decide it: it is forwarded (fail
+    /// open), counted as a drain forward.
+    async fn hop(&self, owner: usize, pkt: &[u8], out: &mut SendBatch) {
         let tx = self.hop_txs.borrow().get(owner).cloned();
         if let Some(tx) = tx
             && tx.send_async(Box::from(pkt)).await.is_ok()
         {
             self.count(|c| c.hops_out += 1);
+            return;
         }
+        out.push(pkt);
+        self.count(|c| {
+            c.forwarded += 1;
+            c.drain_forwarded += 1;
+        });
     }
 
     /// Claims one datagram. Answered now: queued on `out` if forwarded,
