@@ -306,3 +306,27 @@ fn slots_reassigned_from_a_dead_master_are_found_by_themselves() {
     );
     assert_eq!(cluster.node(1).cli(&["GET", &key]).trim(), "v");
 }
+
+/// Nodes that announce hostnames (`cluster-preferred-endpoint-type
+/// hostname`): every shard resolves them when it dials (off the shard's
+/// thread) and routes as with IPs.
+#[test]
+fn nodes_announcing_hostnames_are_resolved_and_served() {
+    require_redis();
+    let cluster = RedisCluster::start_with(&[
+        "--cluster-announce-hostname",
+        "localhost",
+        "--cluster-preferred-endpoint-type",
+        "hostname",
+    ]);
+    let slots = cluster.node(0).cli(&["CLUSTER", "SLOTS"]);
+    assert!(slots.contains("localhost"), "announced: {slots}");
+    let seed = format!("localhost:{}", cluster.node(0).port());
+    let e = support::engine(2, cache::open(&config(&seed)).expect("cluster opens"));
+    for i in 0..60 {
+        let key = format!("named:{i}");
+        set(&e, key.as_bytes(), b"v");
+        let node = cluster.node_for_key(key.as_bytes());
+        assert_eq!(cluster.node(node).cli(&["GET", &key]).trim(), "v", "{key}");
+    }
+}

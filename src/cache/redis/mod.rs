@@ -241,17 +241,21 @@ pub struct Redirects {
 impl Cluster {
     async fn dial_node(&self, node: &NodeAddr) -> Result<Rc<Pipeline<Resp>>, CacheError> {
         let text = node.socket_addr_string();
-        // Nodes announce IPs; a hostname is resolved here, on this cold path.
+        // Nodes announce IPs unless told to announce hostnames; a hostname
+        // is resolved on glommio's blocking-thread pool, so a slow resolver
+        // holds this call, not the shard's thread.
         let addr = match text.parse::<SocketAddr>() {
             Ok(a) => a,
-            Err(_) => text
-                .to_socket_addrs()
-                .ok()
-                .and_then(|mut a| a.next())
-                .ok_or_else(|| CacheError::Connect {
-                    addr: text.clone(),
-                    detail: "cannot resolve cluster node".into(),
-                })?,
+            Err(_) => {
+                let name = text.clone();
+                glommio::executor()
+                    .spawn_blocking(move || name.to_socket_addrs().ok().and_then(|mut a| a.next()))
+                    .await
+                    .ok_or_else(|| CacheError::Connect {
+                        addr: text.clone(),
+                        detail: "cannot resolve cluster node".into(),
+                    })?
+            }
         };
         Ok(Rc::new(
             dial(&self.settings, addr, &text, self.shard).await?,
