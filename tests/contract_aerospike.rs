@@ -44,6 +44,16 @@ fn set_batch(server: &AeroServer, e: &Engine, tag: &str, n: usize) -> u64 {
     server.proxied() - before
 }
 
+/// Waits (up to `within`) until a batch of `n` sets is served with none
+/// proxied: every shard routes by the map the cluster has now.
+fn wait_unproxied(server: &AeroServer, e: &Engine, what: &str, n: usize, within: Duration) {
+    let mut round = 0;
+    support::wait_for(what, within, || {
+        round += 1;
+        set_batch(server, e, &format!("{what}{round}"), n) == 0
+    });
+}
+
 mod one_node {
     use super::*;
     fn make() -> (AeroServer, Engine) {
@@ -152,6 +162,32 @@ fn a_changed_partition_map_is_tended_and_ops_follow_it() {
     });
 }
 
+/// A `replicas` read that fails in the round that sees a new map is read
+/// again next round: until the fix tending recorded the new generation
+/// anyway, so that node's partitions stayed unclaimed (ops proxied through
+/// another node) until some generation moved again.
+#[test]
+fn a_failed_replicas_read_is_retried_by_the_next_tending_round() {
+    let (server, e) = engine_on(3);
+    assert_eq!(set_batch(&server, &e, "fresh", 60), 0);
+    // The next replicas reads fail (the kept connection, then a fresh one:
+    // one node's read in that round), and the cluster moves its partitions.
+    server.fail_replicas(2);
+    server.set_misroute(true);
+    support::wait_for(
+        "the refused replicas read to be read again",
+        Duration::from_secs(10),
+        || server.replicas_reread_after_failure() == Some(true),
+    );
+    wait_unproxied(
+        &server,
+        &e,
+        "the new map to be tended in full",
+        60,
+        Duration::from_secs(10),
+    );
+}
+
 #[test]
 fn a_node_that_joins_after_open_is_found_dialed_and_given_its_partitions() {
     // Three nodes listen; two form the cluster at open, the third joins later.
@@ -170,14 +206,12 @@ fn a_node_that_joins_after_open_is_found_dialed_and_given_its_partitions() {
     server.join_next();
     // Right after the join our map is stale (proxied), never an error; within
     // a few tending rounds the node is known, dialed, and ops reach it.
-    let mut round = 0;
-    support::wait_for(
+    wait_unproxied(
+        &server,
+        &e,
         "the joined node to be tended",
+        90,
         Duration::from_secs(15),
-        || {
-            round += 1;
-            batch(&format!("after{round}")) == 0
-        },
     );
     assert_eq!(handle.node_ids().len(), 3);
     assert!(handle.node_ids().contains(&server.node_id(2)));

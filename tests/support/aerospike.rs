@@ -155,6 +155,14 @@ struct Shared {
     forbidden_ttl: AtomicBool,
     misroute: AtomicBool,
     forming: AtomicBool,
+    /// Info requests for `replicas` still to be answered by dropping the
+    /// connection (see [`AeroServer::fail_replicas`]).
+    fail_replicas: AtomicU64,
+    /// `replicas` reads answered, per node; the node (+1) whose read the
+    /// knob last refused, and its answered count then.
+    replicas_served: Vec<AtomicU64>,
+    replicas_failed_on: AtomicUsize,
+    replicas_served_at_failure: AtomicU64,
     partition_generation: AtomicU32,
     requests: AtomicU64,
     /// Record requests per node.
@@ -239,6 +247,10 @@ impl AeroServer {
             forbidden_ttl: AtomicBool::new(false),
             misroute: AtomicBool::new(false),
             forming: AtomicBool::new(false),
+            fail_replicas: AtomicU64::new(0),
+            replicas_served: (0..nodes).map(|_| AtomicU64::new(0)).collect(),
+            replicas_failed_on: AtomicUsize::new(0),
+            replicas_served_at_failure: AtomicU64::new(0),
             partition_generation: AtomicU32::new(1),
             requests: AtomicU64::new(0),
             node_requests: (0..nodes).map(|_| AtomicU64::new(0)).collect(),
@@ -341,6 +353,23 @@ impl AeroServer {
     /// every change of this knob. Requests landing on a node that is not the
     /// master in the currently reported map are served and counted in
     /// [`proxied`](Self::proxied).
+    /// The next `n` info requests for `replicas` (any node) are answered
+    /// by dropping the connection.
+    pub fn fail_replicas(&self, n: u64) {
+        self.shared.fail_replicas.store(n, Ordering::SeqCst);
+    }
+
+    /// Whether the node whose `replicas` read [`AeroServer::fail_replicas`]
+    /// last refused has answered one since (`None`: nothing refused yet).
+    pub fn replicas_reread_after_failure(&self) -> Option<bool> {
+        let s = &self.shared;
+        let node = s.replicas_failed_on.load(Ordering::SeqCst).checked_sub(1)?;
+        Some(
+            s.replicas_served[node].load(Ordering::SeqCst)
+                > s.replicas_served_at_failure.load(Ordering::SeqCst),
+        )
+    }
+
     pub fn set_misroute(&self, on: bool) {
         if self.shared.misroute.swap(on, Ordering::SeqCst) != on {
             self.shared
@@ -482,6 +511,24 @@ fn serve(shared: &Shared, node: usize, mut stream: TcpStream) -> io::Result<()> 
                 Some(&PROTO_TYPE_INFO) => match codec::parse_info_request(&buf) {
                     Ok(None) => break,
                     Ok(Some((commands, used))) => {
+                        if commands.iter().any(|c| c == "replicas")
+                            && shared
+                                .fail_replicas
+                                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                                    n.checked_sub(1)
+                                })
+                                .is_ok()
+                        {
+                            shared.replicas_failed_on.store(node + 1, Ordering::SeqCst);
+                            shared.replicas_served_at_failure.store(
+                                shared.replicas_served[node].load(Ordering::SeqCst),
+                                Ordering::SeqCst,
+                            );
+                            return Err(io::Error::other("replicas refused (fault knob)"));
+                        }
+                        if commands.iter().any(|c| c == "replicas") {
+                            shared.replicas_served[node].fetch_add(1, Ordering::SeqCst);
+                        }
                         let values: Vec<String> = commands
                             .iter()
                             .map(|c| info_value(shared, node, c))

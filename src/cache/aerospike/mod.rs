@@ -241,8 +241,12 @@ async fn dial_node(s: &Settings, node: &Node) -> Result<NodeConns, CacheError> {
 }
 
 fn current_owner(s: &Settings) -> (u64, Arc<[u16]>) {
+    // The generation first: a publication landing between the two reads
+    // then pairs an old generation with the new map (taken again next
+    // time), never a new generation with the old map (kept until the next).
+    let generation = s.owner_gen.load(Ordering::Acquire);
     let map = s.owner.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    (s.owner_gen.load(Ordering::Acquire), map)
+    (generation, map)
 }
 
 /// Masters per partition from each node's `replicas`, nodes by index.
@@ -328,8 +332,11 @@ fn tend(weak: Weak<Settings>, mut seen: Vec<Seen>) {
             .zip(seen.iter().chain(std::iter::repeat(&Seen::default())))
             .any(|(a, b)| a.peers.is_some() && a.peers != b.peers);
         let mut now = now;
+        let mut discovered = true;
         if peers_changed {
-            for joined in discover_joined(&nodes, &ask) {
+            let (joined, complete) = discover_joined(&nodes, &ask);
+            discovered = complete;
+            for joined in joined {
                 if nodes.len() >= codec::PEERS_MAX {
                     break;
                 }
@@ -351,6 +358,16 @@ fn tend(weak: Weak<Settings>, mut seen: Vec<Seen>) {
                 ask(&n.addr, &["replicas"]).and_then(|p| value(&p, "replicas").map(str::to_owned))
             })
             .collect();
+        // What could not be read this round must be read again next round,
+        // even if no generation moves: forget what was seen of it.
+        for (seen_now, r) in now.iter_mut().zip(&replicas) {
+            if r.is_none() {
+                seen_now.partitions = None;
+            }
+            if !discovered {
+                seen_now.peers = None;
+            }
+        }
         match owners_from(&replicas, &s.namespace) {
             Ok(owner) if owner.iter().any(|&o| o != u16::MAX) => {
                 // Nodes first, then the map that may name them.
@@ -379,7 +396,8 @@ impl InfoConns {
     /// One info round trip to `addr` within `timeout`: on the kept
     /// connection, or a fresh one if there is none or the kept one failed
     /// other than by timing out (a server restart or an idle close leaves
-    /// it dead; a node that stops answering is not redialed this round).
+    /// it dead). A timeout drops the kept connection without redialing in
+    /// this call; the next call to the address dials afresh.
     fn ask(
         &mut self,
         addr: &SocketAddr,
@@ -412,24 +430,30 @@ impl InfoConns {
 }
 
 /// Nodes that `peers-clear-std` of the known nodes names but we do not
-/// know yet, each confirmed by asking it for its `node` id.
+/// know yet, each confirmed by asking it for its `node` id; and whether
+/// every list was read and every new node confirmed (if not, tending looks
+/// again next round).
 fn discover_joined(
     known: &[Node],
     ask: &dyn Fn(&SocketAddr, &[&str]) -> Option<codec::InfoPairs>,
-) -> Vec<Node> {
+) -> (Vec<Node>, bool) {
     let mut joined: Vec<Node> = Vec::new();
+    let mut complete = true;
     for n in known {
         let Some(pairs) = ask(&n.addr, &["peers-clear-std"]) else {
+            complete = false;
             continue;
         };
         let Some(Ok(peers)) = value(&pairs, "peers-clear-std").map(codec::parse_peers_clear_std)
         else {
+            complete = false;
             continue;
         };
         for p in peers.nodes {
             if known.iter().chain(&joined).any(|k| k.id == p.id) {
                 continue;
             }
+            let mut confirmed = false;
             for (h, port) in p.addrs {
                 let text = if h.contains(':') {
                     format!("[{h}]:{port}")
@@ -444,12 +468,14 @@ fn discover_joined(
                     .filter(|id| !id.is_empty() && !id.starts_with("ERROR"))
                 {
                     joined.push(Node { id, addr });
+                    confirmed = true;
                     break;
                 }
             }
+            complete &= confirmed;
         }
     }
-    joined
+    (joined, complete)
 }
 
 fn server_error(op: &'static str, code: ResultCode) -> CacheError {
@@ -494,7 +520,12 @@ impl AerospikeShard {
         let node = if owner < conns.len() {
             owner
         } else {
-            pid % conns.len()
+            // One that is connected, if any: a down one would fail the op.
+            let n = conns.len();
+            (0..n)
+                .map(|k| (pid + k) % n)
+                .find(|&i| conns[i].iter().any(|p| p.is_up()))
+                .unwrap_or(pid % n)
         };
         let per_node = &conns[node];
         let i = self.next_conn.get();
@@ -510,7 +541,9 @@ impl AerospikeShard {
             namespace: s.namespace.as_bytes(),
             set: s.set.as_bytes(),
             digest: &digest,
-            timeout_ms: s.op_timeout.as_millis().min(u32::MAX as u128) as u32,
+            // 0 would mean the server's default (1 s): round a sub-ms op
+            // timeout up instead.
+            timeout_ms: s.op_timeout.as_millis().clamp(1, u32::MAX as u128) as u32,
             op,
         };
         conn.call(|b| {
@@ -592,9 +625,24 @@ impl AerospikeShard {
         }
     }
 
-    /// Info `status` on every node within the dial timeout; cold path.
+    /// Info `status` on every node the current map names as a master (all
+    /// known nodes when it names none) within the dial timeout; cold path. A
+    /// node the cluster no longer uses does not make the store unhealthy.
     pub async fn healthy(&self) -> bool {
-        for node in nodes_of(&self.settings) {
+        let (_, owner) = current_owner(&self.settings);
+        let nodes = nodes_of(&self.settings);
+        let masters: Vec<&Node> = nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| owner.iter().any(|&o| usize::from(o) == *i))
+            .map(|(_, n)| n)
+            .collect();
+        let probed = if masters.is_empty() {
+            nodes.iter().collect()
+        } else {
+            masters
+        };
+        for node in probed {
             let probe = info_async(node.addr, &["status"], self.settings.dial_timeout);
             match probe.await {
                 Ok(pairs) if pairs.iter().any(|(k, v)| k == "status" && v == "ok") => {}
