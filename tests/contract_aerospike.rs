@@ -188,6 +188,40 @@ fn a_failed_replicas_read_is_retried_by_the_next_tending_round() {
     );
 }
 
+/// A node that leaves the cluster and carries on as a cluster of its own
+/// (it lists no peers and claims every partition: a node removed, then
+/// restarted alone) is not believed: its claims would send this instance's
+/// writes to a store the other instances no longer use.
+#[test]
+fn a_node_that_left_and_claims_everything_alone_is_not_believed() {
+    let server = AeroServer::start(3, "test");
+    // Where two nodes claim a partition the one found later wins, so the
+    // node that will leave must not be found first, or the others' claims
+    // would override all of its own anyway: seed from node 0 alone.
+    let backend = cache::open(&config(vec![server.seeds()[0].clone()])).expect("opens");
+    let Some(txgate::cache::Backend::Aerospike(ref a)) = backend else {
+        panic!("an aerospike backend")
+    };
+    assert_ne!(a.node_ids().first(), Some(&server.node_id(2)));
+    let e = support::engine(4, backend);
+    assert_eq!(set_batch(&server, &e, "before", 60), 0);
+    server.leave_last();
+    wait_unproxied(
+        &server,
+        &e,
+        "the map without the departed node",
+        60,
+        Duration::from_secs(15),
+    );
+    let gone = server.requests_to(2);
+    assert_eq!(set_batch(&server, &e, "after", 60), 0);
+    assert_eq!(
+        server.requests_to(2),
+        gone,
+        "nothing reaches the node that left"
+    );
+}
+
 #[test]
 fn a_node_that_joins_after_open_is_found_dialed_and_given_its_partitions() {
     // Three nodes listen; two form the cluster at open, the third joins later.

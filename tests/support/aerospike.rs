@@ -158,6 +158,9 @@ struct Shared {
     /// Info requests for `replicas` still to be answered by dropping the
     /// connection (see [`AeroServer::fail_replicas`]).
     fail_replicas: AtomicU64,
+    /// Nodes that left with [`AeroServer::leave_last`]: each answers as a
+    /// cluster of its own (no peers, every partition its own).
+    left: Vec<AtomicBool>,
     /// `replicas` reads answered, per node; the node (+1) whose read the
     /// knob last refused, and its answered count then.
     replicas_served: Vec<AtomicU64>,
@@ -248,6 +251,7 @@ impl AeroServer {
             misroute: AtomicBool::new(false),
             forming: AtomicBool::new(false),
             fail_replicas: AtomicU64::new(0),
+            left: (0..nodes).map(|_| AtomicBool::new(false)).collect(),
             replicas_served: (0..nodes).map(|_| AtomicU64::new(0)).collect(),
             replicas_failed_on: AtomicUsize::new(0),
             replicas_served_at_failure: AtomicU64::new(0),
@@ -319,6 +323,20 @@ impl AeroServer {
         let now = s.active.load(Ordering::SeqCst);
         assert!(now < s.nodes, "every node has joined already");
         s.active.store(now + 1, Ordering::SeqCst);
+        s.peers_generation.fetch_add(1, Ordering::SeqCst);
+        s.partition_generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The last node of the cluster leaves it and carries on as a cluster
+    /// of its own: it lists no peers and claims every partition (a node
+    /// removed, then restarted alone), while the others rebalance over one
+    /// node fewer and their generations move on.
+    pub fn leave_last(&self) {
+        let s = &self.shared;
+        let now = s.active.load(Ordering::SeqCst);
+        assert!(now > 1, "the last node cannot leave");
+        s.left[now - 1].store(true, Ordering::SeqCst);
+        s.active.store(now - 1, Ordering::SeqCst);
         s.peers_generation.fetch_add(1, Ordering::SeqCst);
         s.partition_generation.fetch_add(1, Ordering::SeqCst);
     }
@@ -717,8 +735,18 @@ fn info_value(shared: &Shared, node: usize, command: &str) -> String {
             .to_string(),
         // One namespace, so no `;` at all: the real server chomps the
         // trailing one, and the official client rejects an empty entry.
+        "replicas" | "replicas-all" if shared.left[node].load(Ordering::SeqCst) => {
+            let all = [0xFFu8; PARTITION_BITMAP_LEN];
+            format!(
+                "{ns}:0,1,{}",
+                base64::engine::general_purpose::STANDARD.encode(all)
+            )
+        }
         "replicas" | "replicas-all" => format!("{ns}:0,1,{}", masters_b64(shared, node)),
         "replicas-master" => format!("{ns}:{}", masters_b64(shared, node)),
+        "peers-clear-std" if shared.left[node].load(Ordering::SeqCst) => {
+            format!("1,{},[]", shared.port(node))
+        }
         "peers-clear-std" => {
             let peers: Vec<String> = (0..shared.active.load(Ordering::SeqCst))
                 .filter(|&i| i != node)

@@ -352,15 +352,23 @@ fn tend(weak: Weak<Settings>, mut seen: Vec<Seen>) {
                 nodes.push(joined);
             }
         }
-        let replicas: Vec<Option<String>> = nodes
+        // Each node's claims, and who it lists as its peers (one round trip).
+        let read: Vec<Option<(String, Vec<String>)>> = nodes
             .iter()
             .map(|n| {
-                ask(&n.addr, &["replicas"]).and_then(|p| value(&p, "replicas").map(str::to_owned))
+                let p = ask(&n.addr, &["replicas", "peers-clear-std"])?;
+                let replicas = value(&p, "replicas")?.to_owned();
+                let peers = value(&p, "peers-clear-std")
+                    .and_then(|v| codec::parse_peers_clear_std(v).ok())
+                    .map(|peers| peers.nodes.into_iter().map(|p| p.id).collect())
+                    .unwrap_or_default();
+                Some((replicas, peers))
             })
             .collect();
+        let members = members(&nodes, &read);
         // What could not be read this round must be read again next round,
         // even if no generation moves: forget what was seen of it.
-        for (seen_now, r) in now.iter_mut().zip(&replicas) {
+        for (seen_now, r) in now.iter_mut().zip(&read) {
             if r.is_none() {
                 seen_now.partitions = None;
             }
@@ -368,6 +376,11 @@ fn tend(weak: Weak<Settings>, mut seen: Vec<Seen>) {
                 seen_now.peers = None;
             }
         }
+        let replicas: Vec<Option<String>> = read
+            .into_iter()
+            .zip(&members)
+            .map(|(r, &member)| r.filter(|_| member).map(|(replicas, _)| replicas))
+            .collect();
         match owners_from(&replicas, &s.namespace) {
             Ok(owner) if owner.iter().any(|&o| o != u16::MAX) => {
                 // Nodes first, then the map that may name them.
@@ -382,6 +395,27 @@ fn tend(weak: Weak<Settings>, mut seen: Vec<Seen>) {
             Err(e) => tracing::debug!(error = %e, "tending: bad replicas"),
         }
     }
+}
+
+/// Which nodes' claims count: those another answering node lists as a
+/// peer, or the one node that answered. A node that left the cluster and
+/// carries on alone (restarted on its own) answers, lists no peers and is
+/// listed by none: believing its claims would send writes to a store the
+/// other instances no longer use. Not read this round (`None`): not a
+/// member now (its claims are not there to count anyway).
+fn members(nodes: &[Node], read: &[Option<(String, Vec<String>)>]) -> Vec<bool> {
+    let answered = read.iter().filter(|r| r.is_some()).count();
+    nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            read[i].is_some()
+                && (answered == 1
+                    || read.iter().enumerate().any(|(j, r)| {
+                        j != i && r.as_ref().is_some_and(|(_, peers)| peers.contains(&n.id))
+                    }))
+        })
+        .collect()
 }
 
 /// The tending thread's info connections, one per node address, kept
@@ -977,5 +1011,26 @@ mod tests {
         assert_eq!(ttl_of(Duration::from_millis(1)), Ttl::Seconds(1));
         assert_eq!(ttl_of(Duration::from_millis(1500)), Ttl::Seconds(2));
         assert_eq!(ttl_of(Duration::from_secs(60)), Ttl::Seconds(60));
+    }
+
+    #[test]
+    fn members_are_the_nodes_another_lists_or_the_one_that_answered() {
+        let node = |id: &str| Node {
+            id: id.into(),
+            addr: "127.0.0.1:3000".parse().unwrap(),
+        };
+        let nodes = [node("A"), node("B"), node("C")];
+        let read =
+            |peers: &[&str]| Some((String::new(), peers.iter().map(|p| p.to_string()).collect()));
+        // A and B list each other; C left and lists nobody.
+        let r = [read(&["B"]), read(&["A"]), read(&[])];
+        assert_eq!(members(&nodes, &r), [true, true, false]);
+        // B was not read: A is then listed by nobody who answered, but it is
+        // the only one left besides C, which lists nobody either.
+        let r = [read(&["B"]), None, read(&[])];
+        assert_eq!(members(&nodes, &r), [false, false, false]);
+        // One node answered: it is the cluster.
+        let r = [read(&[]), None, None];
+        assert_eq!(members(&nodes, &r), [true, false, false]);
     }
 }
