@@ -275,8 +275,20 @@ impl<P: Protocol> Pipeline<P> {
         config: PipelineConfig,
     ) -> Result<Self, String> {
         let stream = connector.connect().await?;
+        Ok(Self::start(connector, Some(stream), config))
+    }
+
+    /// A connection that dials in the background, with the same jittered
+    /// backoff as a reconnect, while calls fail fast (`Disconnected`): for a
+    /// peer found while running, which must not hold the caller, nor leave
+    /// a gap if it does not answer yet.
+    pub fn connect_later<C: Connector>(connector: C, config: PipelineConfig) -> Self {
+        Self::start(connector, None, config)
+    }
+
+    fn start<C: Connector>(connector: C, first: Option<C::Stream>, config: PipelineConfig) -> Self {
         let state = Rc::new(RefCell::new(State {
-            up: true,
+            up: first.is_some(),
             dead: false,
             closed: false,
             wbuf: Vec::with_capacity(64 << 10),
@@ -286,7 +298,7 @@ impl<P: Protocol> Pipeline<P> {
             free: Vec::new(),
             driver: None,
             counters: PipelineCounters {
-                connects: 1,
+                connects: u64::from(first.is_some()),
                 ..Default::default()
             },
         }));
@@ -294,16 +306,16 @@ impl<P: Protocol> Pipeline<P> {
         let task = glommio::spawn_local(drive::<P, C>(
             state.clone(),
             connector,
-            stream,
+            first,
             config.clone(),
             closed.clone(),
         ));
-        Ok(Self {
+        Self {
             state,
             config,
             driver_task: RefCell::new(Some(task)),
             closed,
-        })
+        }
     }
 
     /// Sends one request, encoded by `encode` into the shared write buffer,
@@ -475,13 +487,16 @@ impl<R> Drop for Wait<'_, R> {
 async fn drive<P: Protocol, C: Connector>(
     state: Rc<RefCell<State<P::Reply>>>,
     connector: C,
-    first: C::Stream,
+    first: Option<C::Stream>,
     config: PipelineConfig,
     closed: Rc<Cell<bool>>,
 ) {
-    let mut stream = Some(first);
+    let mut stream = first;
     let mut backoff = config.reconnect_backoff_min;
-    let mut seed = Instant::now().elapsed().as_nanos() as u64 ^ (Rc::as_ptr(&state) as u64);
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let mut seed = since_epoch.as_nanos() as u64 ^ (Rc::as_ptr(&state) as u64);
     loop {
         if closed.get() {
             return;
@@ -702,7 +717,12 @@ mod tests {
     /// Echoes each line after an optional `sleep:<ms>:` delay; `close` drops
     /// the connection; `extra` answers twice (a reply nobody asked for).
     fn server() -> (SocketAddr, Arc<AtomicUsize>) {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        server_at("127.0.0.1:0".parse().unwrap())
+    }
+
+    /// [`server`] on a given address.
+    fn server_at(at: SocketAddr) -> (SocketAddr, Arc<AtomicUsize>) {
+        let l = TcpListener::bind(at).unwrap();
         let addr = l.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = accepted.clone();
@@ -773,6 +793,38 @@ mod tests {
                 glommio::timer::sleep(Duration::from_millis(1)).await;
             }
         })
+    }
+
+    #[test]
+    fn a_connection_dialed_later_fails_fast_until_its_peer_listens() {
+        // A free port, nothing listening on it yet.
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        crate::engine::run_local(async move {
+            let p = Pipeline::<Lines>::connect_later(Dial(addr), config(2000, 16));
+            assert!(!p.is_up());
+            assert_eq!(p.call(line("early")).await, Err(CallError::Disconnected));
+            glommio::timer::sleep(Duration::from_millis(50)).await;
+            assert_eq!(p.counters().connects, 0, "refused dials are not connects");
+            server_at(addr);
+            let mut answered = None;
+            for _ in 0..500 {
+                match p.call(line("later")).await {
+                    Ok(r) => {
+                        answered = Some(r);
+                        break;
+                    }
+                    Err(CallError::Disconnected) => {
+                        glommio::timer::sleep(Duration::from_millis(10)).await
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            assert_eq!(answered.as_deref(), Some("later"));
+            assert_eq!(p.counters().connects, 1);
+        });
     }
 
     #[test]
