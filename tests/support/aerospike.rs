@@ -341,6 +341,29 @@ impl AeroServer {
         s.partition_generation.fetch_add(1, Ordering::SeqCst);
     }
 
+    /// Node `i` moves to a new port, keeping its node id (a pod rescheduled
+    /// with a fixed node id): it stops listening on the old one and drops
+    /// its connections there, every peer list names the new address, and
+    /// `peers-generation` moves on. Returns the new address.
+    pub fn move_node(&mut self, i: usize) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
+        let addr = listener.local_addr().expect("local addr");
+        lock(&self.shared.ports)[i] = addr.port();
+        self.addrs[i] = addr;
+        let shared = Arc::clone(&self.shared);
+        self.accept_threads.push(
+            thread::Builder::new()
+                .name(format!("aero-accept-{i}-moved"))
+                .spawn(move || accept_loop(&shared, i, &listener))
+                .expect("spawn accept thread"),
+        );
+        self.shared.peers_generation.fetch_add(1, Ordering::SeqCst);
+        addr
+    }
+
     /// Sleep this long before each reply (record and info alike).
     pub fn set_delay(&self, delay: Duration) {
         self.shared
@@ -457,7 +480,9 @@ impl Drop for AeroServer {
 }
 
 fn accept_loop(shared: &Arc<Shared>, node: usize, listener: &TcpListener) {
-    while !shared.stopped() {
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    // Ends (closing the listener) when the node moves to another port.
+    while !shared.stopped() && shared.port(node) == port {
         match listener.accept() {
             Ok((stream, _)) => {
                 let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
@@ -469,7 +494,7 @@ fn accept_loop(shared: &Arc<Shared>, node: usize, listener: &TcpListener) {
                 let spawned = thread::Builder::new()
                     .name(format!("aero-conn-{node}-{id}"))
                     .spawn(move || {
-                        let _ = serve(&conn_shared, node, stream);
+                        let _ = serve(&conn_shared, node, port, stream);
                         lock(&conn_shared.conns).remove(&id);
                     });
                 match spawned {
@@ -492,7 +517,7 @@ fn accept_loop(shared: &Arc<Shared>, node: usize, listener: &TcpListener) {
 }
 
 /// One connection: read, answer every complete frame in order, repeat.
-fn serve(shared: &Shared, node: usize, mut stream: TcpStream) -> io::Result<()> {
+fn serve(shared: &Shared, node: usize, port: u16, mut stream: TcpStream) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(POLL))?;
@@ -500,7 +525,8 @@ fn serve(shared: &Shared, node: usize, mut stream: TcpStream) -> io::Result<()> 
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     let mut chunk = vec![0u8; 64 * 1024];
     let mut out = Vec::new();
-    while !shared.stopped() {
+    // A node that moved to another port drops its old connections.
+    while !shared.stopped() && shared.port(node) == port {
         // Answer every complete frame already buffered, one at a time.
         loop {
             out.clear();

@@ -58,6 +58,10 @@ impl Protocol for AsMsg {
 struct Node {
     id: String,
     addr: SocketAddr,
+    /// Superseded: the same id was found at another address (the node
+    /// moved). Kept so indices stay stable; not asked, not routed to, and
+    /// shards close their connections to it.
+    gone: bool,
 }
 
 #[derive(Debug)]
@@ -126,9 +130,14 @@ impl Connector for AeroConnector {
 }
 
 impl AerospikeBackend {
-    /// Nodes found at open, by id.
+    /// The nodes known now (found at open or joined since; not those that
+    /// moved away), by id.
     pub fn node_ids(&self) -> Vec<String> {
-        nodes_of(&self.inner).iter().map(|n| n.id.clone()).collect()
+        nodes_of(&self.inner)
+            .iter()
+            .filter(|n| !n.gone)
+            .map(|n| n.id.clone())
+            .collect()
     }
 
     /// Tending rounds completed since open: each asked every known node for
@@ -167,6 +176,15 @@ impl AerospikeBackend {
                     && s.owner_gen.load(Ordering::Acquire) != local.borrow().0
                 {
                     *local.borrow_mut() = current_owner(&s);
+                    // Nodes are published before the map: close what goes
+                    // to nodes that moved (their calls fail; none is routed
+                    // there any more).
+                    let conns = conns.borrow();
+                    for (node, per_node) in nodes_of(&s).iter().zip(conns.iter()) {
+                        if node.gone {
+                            per_node.iter().for_each(|p| p.close());
+                        }
+                    }
                 }
                 // Nodes that joined: connections that dial in the background.
                 let known = conns.borrow().len();
@@ -293,7 +311,7 @@ fn tend(weak: Weak<Settings>, mut seen: Vec<Seen>) {
             let known = nodes_of(&s);
             conns
                 .borrow_mut()
-                .keep_only(|a| known.iter().any(|n| n.addr == *a));
+                .keep_only(|a| known.iter().any(|n| n.addr == *a && !n.gone));
         }
         let step = Duration::from_millis(50);
         let mut slept = Duration::ZERO;
@@ -311,15 +329,18 @@ fn tend(weak: Weak<Settings>, mut seen: Vec<Seen>) {
         let mut nodes = nodes_of(&s);
         let now: Vec<Seen> = nodes
             .iter()
-            .map(
-                |n| match ask(&n.addr, &["partition-generation", "peers-generation"]) {
+            .map(|n| {
+                match (!n.gone)
+                    .then(|| ask(&n.addr, &["partition-generation", "peers-generation"]))
+                    .flatten()
+                {
                     Some(p) => Seen {
                         partitions: value(&p, "partition-generation").map(str::to_owned),
                         peers: value(&p, "peers-generation").map(str::to_owned),
                     },
                     None => Seen::default(),
-                },
-            )
+                }
+            })
             .collect();
         s.tend_rounds.fetch_add(1, Ordering::Relaxed);
         if now == seen {
@@ -342,7 +363,18 @@ fn tend(weak: Weak<Settings>, mut seen: Vec<Seen>) {
             discovered = complete;
             for joined in joined {
                 if nodes.len() >= codec::PEERS_MAX {
+                    tracing::warn!(
+                        node = %joined.id,
+                        addr = %joined.addr,
+                        "{} node addresses known since start, the most kept: not following \
+                         this one (restart to forget the old ones)",
+                        codec::PEERS_MAX
+                    );
                     break;
+                }
+                for old in nodes.iter_mut().filter(|n| n.id == joined.id && !n.gone) {
+                    tracing::info!(node = %old.id, from = %old.addr, to = %joined.addr, "an Aerospike node moved");
+                    old.gone = true;
                 }
                 tracing::info!(node = %joined.id, addr = %joined.addr, "an Aerospike node joined");
                 now.push(
@@ -360,6 +392,9 @@ fn tend(weak: Weak<Settings>, mut seen: Vec<Seen>) {
         let read: Vec<Option<(String, Vec<String>)>> = nodes
             .iter()
             .map(|n| {
+                if n.gone {
+                    return None;
+                }
                 let p = ask(&n.addr, &["replicas", "peers-clear-std"])?;
                 let replicas = value(&p, "replicas")?.to_owned();
                 let peers = value(&p, "peers-clear-std")
@@ -488,24 +523,39 @@ fn discover_joined(
             continue;
         };
         for p in peers.nodes {
-            if known.iter().chain(&joined).any(|k| k.id == p.id) {
+            let addrs: Vec<SocketAddr> = p
+                .addrs
+                .iter()
+                .filter_map(|(h, port)| {
+                    let text = if h.contains(':') {
+                        format!("[{h}]:{port}")
+                    } else {
+                        format!("{h}:{port}")
+                    };
+                    text.to_socket_addrs().ok().and_then(|mut a| a.next())
+                })
+                .collect();
+            // Known means the same id at one of the addresses listed: the
+            // same id elsewhere is the node moved (a pod rescheduled with
+            // a fixed node id), to be followed there.
+            if known
+                .iter()
+                .chain(&joined)
+                .any(|k| k.id == p.id && addrs.contains(&k.addr))
+            {
                 continue;
             }
             let mut confirmed = false;
-            for (h, port) in p.addrs {
-                let text = if h.contains(':') {
-                    format!("[{h}]:{port}")
-                } else {
-                    format!("{h}:{port}")
-                };
-                let Some(addr) = text.to_socket_addrs().ok().and_then(|mut a| a.next()) else {
-                    continue;
-                };
+            for addr in addrs {
                 if let Some(id) = ask(&addr, &["node"])
                     .and_then(|p| value(&p, "node").map(str::to_owned))
                     .filter(|id| !id.is_empty() && !id.starts_with("ERROR"))
                 {
-                    joined.push(Node { id, addr });
+                    joined.push(Node {
+                        id,
+                        addr,
+                        gone: false,
+                    });
                     confirmed = true;
                     break;
                 }
@@ -918,7 +968,11 @@ fn discover(config: &Config, namespace: &str, deadline: Instant) -> Result<Disco
         let forming = value(&pairs, "partition-generation") == Some("-1");
         listed |= forming;
         let index = nodes.len() as u16;
-        nodes.push(Node { id, addr });
+        nodes.push(Node {
+            id,
+            addr,
+            gone: false,
+        });
         gens.push(Seen {
             partitions: value(&pairs, "partition-generation").map(str::to_owned),
             peers: value(&pairs, "peers-generation").map(str::to_owned),
@@ -1023,6 +1077,7 @@ mod tests {
         let node = |id: &str| Node {
             id: id.into(),
             addr: "127.0.0.1:3000".parse().unwrap(),
+            gone: false,
         };
         let nodes = [node("A"), node("B"), node("C")];
         let read =
