@@ -110,7 +110,8 @@ impl Tier1 {
         if key_len == 0 || key_len > 256 {
             return Err(Tier1Error::KeyLen(key_len));
         }
-        let ttl_ms = ttl.as_millis();
+        // Whole ms, rounded up: a sub-ms TTL must not become 0 ("never").
+        let ttl_ms = ttl.as_nanos().div_ceil(1_000_000);
         if ttl_ms > TTL_MS_MAX as u128 {
             return Err(Tier1Error::Ttl(ttl));
         }
@@ -643,6 +644,15 @@ mod tests {
         t.insert(&key(3), 3000);
         assert!(t.insert(&key(3), 3200));
         assert!(t.contains(&key(3), 3250));
+    }
+
+    #[test]
+    fn a_sub_millisecond_ttl_still_expires() {
+        // Truncated to whole ms it would be 0: "never expires".
+        let mut t = Tier1::new(10, 16, Duration::from_micros(500)).unwrap();
+        t.insert(&key(1), 1000);
+        assert!(t.contains(&key(1), 1000));
+        assert!(!t.contains(&key(1), 1001));
     }
 
     #[test]
