@@ -76,9 +76,17 @@ pub fn default_instance_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "txgate".into());
-    let mut id = format!("{host}-{}", std::process::id());
-    if id.len() > INSTANCE_ID_MAX {
-        let cut = id.len() - INSTANCE_ID_MAX;
+    trim_front(format!("{host}-{}", std::process::id()), INSTANCE_ID_MAX)
+}
+
+/// The last `max` bytes of `id` or fewer, cut at a character boundary (a
+/// hostname may hold multibyte characters).
+fn trim_front(mut id: String, max: usize) -> String {
+    if id.len() > max {
+        let mut cut = id.len() - max;
+        while !id.is_char_boundary(cut) {
+            cut += 1;
+        }
         id.drain(..cut);
     }
     id
@@ -584,6 +592,15 @@ mod tests {
         assert!(run(shard.set_nx(&key, b"rival", Duration::ZERO)).unwrap());
         assert_eq!(run(a.claim(&id)), Verdict::Suppress(Suppress::Lost));
         assert_eq!(run(a.claim(&id)), Verdict::Suppress(Suppress::Seen));
+    }
+
+    #[test]
+    fn long_instance_ids_are_trimmed_at_a_character_boundary() {
+        assert_eq!(trim_front("abc-1".into(), 40), "abc-1");
+        assert_eq!(trim_front("abcdef-1".into(), 4), "ef-1");
+        // "é" is two bytes: a cut inside it moves past it.
+        assert_eq!(trim_front("aé-12".into(), 4), "-12");
+        assert_eq!(trim_front("aé-12".into(), 5), "é-12");
     }
 
     #[test]
