@@ -225,9 +225,10 @@ fn deadline(now_ms: u64, ttl: Duration) -> u64 {
     if ttl.is_zero() {
         return NO_DEADLINE;
     }
-    // Round sub-millisecond remainders up: an entry never expires early.
+    // Round sub-millisecond remainders up, and add the millisecond `now_ms`
+    // was truncated by: an entry never expires early (up to 1 ms late).
     let ttl_ms = ttl.as_nanos().div_ceil(1_000_000).min(u64::MAX as u128 / 2) as u64;
-    now_ms.saturating_add(ttl_ms)
+    now_ms.saturating_add(ttl_ms).saturating_add(1)
 }
 
 impl MemoryShard {
@@ -344,7 +345,19 @@ impl Partition {
         }
         self.insert_new(hash, key, val, deadline_ms);
         self.prefetch_oldest_ahead();
+        self.reclaim(now_ms, counters);
         true
+    }
+
+    /// Unbounded (`max_keys` 0), nothing evicts, and the periodic sweep
+    /// drops at most [`SWEEP_BUDGET`] a tick: each insert also drops up to
+    /// two expired entries, so expiry keeps up with any insert rate. Bounded,
+    /// eviction (soonest to expire first) does it already.
+    #[inline]
+    fn reclaim(&mut self, now_ms: u64, counters: &MemoryCounters) {
+        if self.max_keys == 0 {
+            self.sweep(2, now_ms, counters);
+        }
     }
 
     /// A full partition evicts its oldest entry on every novel insert: a
@@ -376,6 +389,7 @@ impl Partition {
             self.evict(&victim, now_ms, counters);
         }
         self.insert_new(hash, key, val, deadline_ms);
+        self.reclaim(now_ms, counters);
     }
 
     fn get(&mut self, key: &[u8], now_ms: u64, counters: &MemoryCounters) -> Option<Vec<u8>> {
@@ -891,6 +905,10 @@ mod tests {
             self.order.insert((dl, self.seq), key.to_vec());
             self.map
                 .insert(key.to_vec(), (val.to_vec(), (dl, self.seq)));
+            // Unbounded, each insert also drops up to two expired entries.
+            if self.max_keys == 0 {
+                self.sweep(2, now);
+            }
         }
 
         fn set_nx(&mut self, key: &[u8], val: &[u8], dl: u64, now: u64) -> bool {
@@ -936,6 +954,26 @@ mod tests {
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
+    }
+
+    #[test]
+    fn unbounded_inserts_reclaim_expired_entries_without_a_sweep() {
+        let c = MemoryCounters::default();
+        let mut p = Partition::new(0);
+        // One novel key a millisecond, each living 10 ms, and no sweep.
+        for now in 0..50_000u64 {
+            p.set_nx(format!("k{now}").as_bytes(), b"v", now + 10, now, &c);
+        }
+        assert!(p.table.len() <= 12, "{} entries live", p.table.len());
+    }
+
+    #[test]
+    fn deadlines_never_come_early() {
+        // `now_ms` is truncated: a set at 5.9 ms with a 10 ms TTL must live
+        // past 15.9 ms, so its deadline is 16, not 15.
+        assert_eq!(deadline(5, Duration::from_millis(10)), 16);
+        assert_eq!(deadline(5, Duration::from_micros(500)), 7);
+        assert_eq!(deadline(5, Duration::ZERO), NO_DEADLINE);
     }
 
     #[test]
