@@ -81,10 +81,46 @@ fn unusable_combinations_exit_2_naming_the_flag() {
         ),
         (&["bench", "--cores", "3-1"][..], "--cores"),
         (&["bench", "--claims", "0"][..], "--claims"),
+        (&["bench", "--ttl", "600h"][..], "--ttl"),
     ] {
         let o = txgate(args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
         assert!(stderr(&o).contains(flag), "{args:?}: {}", stderr(&o));
+    }
+}
+
+/// A flag beats its rival's environment variable; both on the command line
+/// (or both in the environment) is a usage error.
+#[test]
+fn a_flag_beats_a_conflicting_environment_variable() {
+    let run = |env: &[(&str, &str)], args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_txgate"))
+            .args(args)
+            .env_remove("TXGATE_BACKEND")
+            .envs(env.iter().copied())
+            .output()
+            .expect("txgate runs")
+    };
+    let bench = ["bench", "--backend", "none", "--tier1-capacity", "1024"];
+    let o = run(
+        &[("TXGATE_DURATION", "30s"), ("TXGATE_CORES", "0")],
+        &[&bench[..], &["--claims", "2000", "--shards", "1"]].concat(),
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    for (env, args) in [
+        (&[][..], &["--claims", "5", "--duration", "1s"][..]),
+        (
+            &[("TXGATE_CLAIMS", "5"), ("TXGATE_DURATION", "1s")][..],
+            &[][..],
+        ),
+        (
+            &[][..],
+            &["--cores", "0", "--shards", "1", "--claims", "5"][..],
+        ),
+    ] {
+        let o = run(env, &[&bench[..], args].concat());
+        assert_eq!(o.status.code(), Some(2), "{env:?} {args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("cannot be used with"), "{}", stderr(&o));
     }
 }
 

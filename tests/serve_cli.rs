@@ -54,6 +54,7 @@ fn bad_flags_exit_2_naming_the_flag() {
         (["--txid-len", "0"], "--txid-len"),
         (["--txid-len", "65"], "--txid-len"),
         (["--dedup-ttl", "soon"], "--dedup-ttl"),
+        (["--dedup-ttl", "600h"], "--dedup-ttl"),
         (["--cores", "1-0"], "--cores"),
         (["--admin", "nowhere"], "--admin"),
         (

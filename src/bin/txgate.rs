@@ -43,8 +43,7 @@ fn bench_command() -> (Command, cache::flags::CacheFlags) {
             arg("duration", "TXGATE_DURATION")
                 .value_name("DURATION")
                 .value_parser(parse_duration)
-                .conflicts_with("claims")
-                .help("Run for this long (default 10s unless --claims is given)"),
+                .help("Run for this long (default 10s unless --claims is given; not with --claims)"),
         )
         .arg(
             arg("claims", "TXGATE_CLAIMS")
@@ -90,8 +89,7 @@ fn bench_command() -> (Command, cache::flags::CacheFlags) {
             arg("cores", "TXGATE_CORES")
                 .value_name("LIST")
                 .value_parser(parse_core_list)
-                .conflicts_with("shards")
-                .help("CPUs to pin shards to, one shard each, e.g. 0-3,8 (default: the affinity mask)"),
+                .help("CPUs to pin shards to, one shard each, e.g. 0-3,8 (default: the affinity mask; not with --shards)"),
         )
         .arg(
             arg("shards", "TXGATE_SHARDS")
@@ -116,7 +114,7 @@ fn bench_command() -> (Command, cache::flags::CacheFlags) {
         .arg(
             arg("ttl", "TXGATE_TTL")
                 .value_name("DURATION")
-                .value_parser(parse_duration)
+                .value_parser(parse_ttl)
                 .default_value("60s")
                 .help("How long a claimed TxID stays claimed (tier-1 and store)"),
         )
@@ -141,6 +139,18 @@ fn bench_command() -> (Command, cache::flags::CacheFlags) {
                 .help("Draw latency percentile curves per shard as SVG"),
         );
     register_flags(cmd, "", "TXGATE_")
+}
+
+/// A dedup TTL: a duration tier-1 can hold (about 24.8 days at most).
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    let max = Duration::from_millis(txgate::tier1::TTL_MS_MAX);
+    if d > max {
+        return Err(format!(
+            "'{s}' is longer than the most a TTL can be, {max:?}"
+        ));
+    }
+    Ok(d)
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -200,12 +210,40 @@ fn main() -> ExitCode {
     }
 }
 
+/// Which of two flags that exclude each other to use: a flag given on the
+/// command line beats its rival's environment variable (a flag always beats
+/// an env twin); both given the same way is a usage error. `Some(true)`:
+/// `a`, `Some(false)`: `b`, `None`: neither.
+fn first_of(cmd: &mut Command, m: &ArgMatches, a: &str, b: &str) -> Option<bool> {
+    use clap::parser::ValueSource;
+    let source = |id: &str| {
+        m.value_source(id)
+            .filter(|s| *s != ValueSource::DefaultValue)
+    };
+    match (source(a), source(b)) {
+        (None, None) => None,
+        (Some(_), None) => Some(true),
+        (None, Some(_)) => Some(false),
+        (Some(x), Some(y)) if x == y => cmd
+            .error(
+                ErrorKind::ArgumentConflict,
+                format!("--{a} cannot be used with --{b}"),
+            )
+            .exit(),
+        (Some(x), Some(_)) => Some(x == ValueSource::CommandLine),
+    }
+}
+
 fn run_bench(cmd: &mut Command, m: &ArgMatches, store: &cache::flags::CacheFlags) -> ExitCode {
     let config = match store.config(m) {
         Ok(c) => c,
         Err(e) => cmd.error(ErrorKind::ValueValidation, e.to_string()).exit(),
     };
-    let cores = if let Some(list) = m.get_one::<Vec<usize>>("cores") {
+    let by_cores = first_of(cmd, m, "cores", "shards");
+    let cores = if let Some(list) = m
+        .get_one::<Vec<usize>>("cores")
+        .filter(|_| by_cores == Some(true))
+    {
         list.clone()
     } else {
         let mine = match affinity_cores() {
@@ -215,12 +253,16 @@ fn run_bench(cmd: &mut Command, m: &ArgMatches, store: &cache::flags::CacheFlags
         };
         let n = m
             .get_one::<u64>("shards")
+            .filter(|_| by_cores == Some(false))
             .map_or(mine.len(), |&n| n as usize);
         (0..n).map(|i| mine[i % mine.len()]).collect()
     };
+    let by_duration = first_of(cmd, m, "duration", "claims");
     let stop = match (
-        m.get_one::<Duration>("duration"),
-        m.get_one::<u64>("claims"),
+        m.get_one::<Duration>("duration")
+            .filter(|_| by_duration == Some(true)),
+        m.get_one::<u64>("claims")
+            .filter(|_| by_duration == Some(false)),
     ) {
         (_, Some(&n)) => Stop::Claims(n),
         (Some(&d), None) => Stop::Duration(d),
@@ -358,7 +400,7 @@ fn serve_command() -> (Command, cache::flags::CacheFlags) {
         .arg(
             arg("dedup-ttl", "TXGATE_DEDUP_TTL")
                 .value_name("DURATION")
-                .value_parser(parse_duration)
+                .value_parser(parse_ttl)
                 .default_value("60s")
                 .help("How long a claimed TxID stays claimed (tier-1 and store)"),
         )
