@@ -904,3 +904,30 @@ fn shutdown_frees_shard_state_and_drops_jobs_past_the_grace() {
          references to the shard left: {left} (want 0)"
     );
 }
+
+/// Shutdown returns even when a shard's job slots are all taken by jobs
+/// that never end and its inbox is full behind them: the stop signal does
+/// not queue behind jobs. Until the fix, the stop waited in the full inbox
+/// and the shard's loop waited for a job slot, forever.
+#[test]
+fn shutdown_returns_with_every_job_slot_taken_and_the_inbox_full() {
+    let engine = support::engine_with(1, None, |c| {
+        c.jobs_max = 1;
+        c.inbox_capacity = 1;
+    });
+    // One job holds the only slot forever; the next waits for a slot; the
+    // third fills the inbox. Submitted without awaiting their replies.
+    for _ in 0..3 {
+        let job = engine.run_on(0, |_| futures_lite::future::pending::<()>());
+        assert!(block_on(poll_once(job)).is_none());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (done_tx, done_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(engine.shutdown());
+    });
+    let stopped = done_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("shutdown returned");
+    assert!(stopped.is_ok(), "{stopped:?}");
+}

@@ -107,7 +107,6 @@ type Job = Box<dyn FnOnce(Rc<Shard>) -> Pin<Box<dyn Future<Output = ()>>> + Send
 
 enum Msg {
     Job(Job),
-    Stop,
 }
 
 /// A backend op that can be sent to the owner shard of its key.
@@ -287,6 +286,9 @@ where
 /// A running set of shards. `Send + Sync`: share it by reference or `Arc`.
 pub struct Engine {
     inboxes: Vec<flume::Sender<Msg>>,
+    /// Dropped to stop the shards: a signal outside the inboxes, so a full
+    /// inbox, or a shard whose job slots are all taken, cannot hold it up.
+    stops: Vec<flume::Sender<()>>,
     cores: Vec<usize>,
     txid_len: usize,
     threads: Mutex<Vec<ExecutorJoinHandle<()>>>,
@@ -308,14 +310,22 @@ impl Engine {
         let (senders, receivers): (Vec<_>, Vec<_>) = (0..n)
             .map(|_| flume::bounded::<Msg>(config.inbox_capacity.max(1)))
             .unzip();
+        let (stops, stop_rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| flume::bounded::<()>(1)).unzip();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(usize, Result<(), String>)>();
         let mut engine = Engine {
             inboxes: senders.clone(),
+            stops,
             cores: cores.clone(),
             txid_len: config.txidset.txid_len,
             threads: Mutex::new(Vec::with_capacity(n)),
         };
-        for (index, (core, inbox)) in cores.iter().copied().zip(receivers).enumerate() {
+        for (index, ((core, inbox), stop)) in cores
+            .iter()
+            .copied()
+            .zip(receivers)
+            .zip(stop_rxs)
+            .enumerate()
+        {
             let (peers, config, ready) = (senders.clone(), config.clone(), ready_tx.clone());
             let mut builder = LocalExecutorBuilder::new(Placement::Fixed(core))
                 .name(&format!("txgate-shard-{index}"))
@@ -324,7 +334,13 @@ impl Engine {
                 builder = builder.spin_before_park(config.spin_before_park);
             }
             let spawned = builder.spawn(move || async move {
-                run_shard(index, core, n, config, peers, inbox, ready).await
+                let wiring = Wiring {
+                    peers,
+                    inbox,
+                    stop,
+                    ready,
+                };
+                run_shard(index, core, n, config, wiring).await
             });
             match spawned {
                 Ok(h) => engine.threads.get_mut().expect("not shared yet").push(h),
@@ -477,9 +493,7 @@ impl Engine {
 
     /// Stops and joins; returns the errors shard threads ended with.
     fn stop(&mut self) -> Vec<(usize, String)> {
-        for inbox in &self.inboxes {
-            let _ = inbox.send(Msg::Stop);
-        }
+        self.stops.clear();
         let threads = std::mem::take(
             self.threads
                 .get_mut()
@@ -501,15 +515,24 @@ impl Drop for Engine {
     }
 }
 
-async fn run_shard(
-    index: usize,
-    core: usize,
-    shards: usize,
-    config: EngineConfig,
+/// What a shard's thread is given to talk to the rest of the engine.
+struct Wiring {
+    /// Every shard's inbox, this one's included.
     peers: Vec<flume::Sender<Msg>>,
     inbox: flume::Receiver<Msg>,
+    /// Disconnects when the engine stops.
+    stop: flume::Receiver<()>,
+    /// Where the shard reports that it serves, or why it could not start.
     ready: std::sync::mpsc::Sender<(usize, Result<(), String>)>,
-) {
+}
+
+async fn run_shard(index: usize, core: usize, shards: usize, config: EngineConfig, wiring: Wiring) {
+    let Wiring {
+        peers,
+        inbox,
+        stop,
+        ready,
+    } = wiring;
     let built = async {
         let backend = match &config.backend {
             Some(b) => Some(Rc::new(b.connect_shard(index, shards).await?)),
@@ -571,8 +594,21 @@ async fn run_shard(
     // Closed at the end of the grace period: every job still running then
     // is dropped, which drops its reply sender (its caller sees ShardStopped).
     let cancel = Rc::new(glommio::sync::Semaphore::new(0));
-    while let Ok(Msg::Job(job)) = inbox.recv_async().await {
-        let Ok(permit) = jobs.acquire_static_permit(1).await else {
+    loop {
+        // Jobs already queued first: submitted before the stop, they get the
+        // grace; the stop wins once the inbox is empty.
+        let next =
+            futures_lite::future::or(async { inbox.recv_async().await.ok() }, stopped(&stop));
+        let Some(Msg::Job(job)) = next.await else {
+            break;
+        };
+        // A free slot or the stop, whichever comes first: jobs that never end
+        // must not hold the stop up.
+        let slot = futures_lite::future::or(stopped(&stop), async {
+            jobs.acquire_static_permit(1).await.ok()
+        });
+        let Some(permit) = slot.await else {
+            // Dropped unrun: its caller sees ShardStopped.
             break;
         };
         let (s, cancel) = (shard.clone(), cancel.clone());
@@ -601,6 +637,13 @@ async fn run_shard(
     if let Some(b) = shard.backend() {
         b.close();
     }
+}
+
+/// `None` once the engine drops its stop sender: raced against every wait
+/// of a shard's job loop.
+async fn stopped<T>(stop: &flume::Receiver<()>) -> Option<T> {
+    let _ = stop.recv_async().await;
+    None
 }
 
 /// Runs `fut` to completion on a fresh, unpinned executor on this thread,
