@@ -602,11 +602,13 @@ async fn run_shard(index: usize, core: usize, shards: usize, config: EngineConfi
         let Some(Msg::Job(job)) = next.await else {
             break;
         };
-        // A free slot or the stop, whichever comes first: jobs that never end
-        // must not hold the stop up.
-        let slot = futures_lite::future::or(stopped(&stop), async {
-            jobs.acquire_static_permit(1).await.ok()
-        });
+        // A free slot (first: a job taken before the stop runs if one is
+        // free) or the stop while waiting for one: jobs that never end must
+        // not hold the stop up.
+        let slot = futures_lite::future::or(
+            async { jobs.acquire_static_permit(1).await.ok() },
+            stopped(&stop),
+        );
         let Some(permit) = slot.await else {
             // Dropped unrun: its caller sees ShardStopped.
             break;
