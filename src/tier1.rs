@@ -68,6 +68,11 @@ pub(crate) fn prefetch_line<T>(p: &T) {
     let _ = p;
 }
 
+/// Table buckets for `capacity` entries: load at most 3/4.
+fn buckets_for(capacity: usize) -> usize {
+    (capacity + capacity.div_ceil(3)).max(2 * GROUP)
+}
+
 /// Why a tier-1 set could not be built.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Tier1Error {
@@ -115,7 +120,7 @@ impl Tier1 {
         if ttl_ms > TTL_MS_MAX as u128 {
             return Err(Tier1Error::Ttl(ttl));
         }
-        let buckets = (capacity + capacity.div_ceil(3)).max(2 * GROUP);
+        let buckets = buckets_for(capacity);
         let stride = key_len + 8;
         Ok(Self {
             key_len,
@@ -268,6 +273,13 @@ impl Tier1 {
     /// Heap bytes held: the table, the tags and the ring, allocated once.
     pub fn heap_bytes(&self) -> usize {
         self.table.len() + self.tags.len() + self.ring.len() * 4
+    }
+
+    /// What [`Tier1::heap_bytes`] will be for `capacity` keys of `key_len`
+    /// bytes, before allocating it (to refuse a size the machine cannot hold).
+    pub fn bytes_for(capacity: usize, key_len: usize) -> u128 {
+        let buckets = buckets_for(capacity) as u128;
+        buckets * (key_len as u128 + 8) + buckets + GROUP as u128 + capacity as u128 * 4
     }
 
     #[inline]
@@ -644,6 +656,18 @@ mod tests {
         t.insert(&key(3), 3000);
         assert!(t.insert(&key(3), 3200));
         assert!(t.contains(&key(3), 3250));
+    }
+
+    #[test]
+    fn bytes_for_predicts_heap_bytes() {
+        for (cap, len) in [(1, 16), (100, 16), (1000, 8), (4096, 32), (100_000, 16)] {
+            let t = Tier1::new(cap, len, Duration::from_secs(1)).unwrap();
+            assert_eq!(
+                Tier1::bytes_for(cap, len),
+                t.heap_bytes() as u128,
+                "{cap} x {len}"
+            );
+        }
     }
 
     #[test]

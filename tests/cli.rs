@@ -82,6 +82,10 @@ fn unusable_combinations_exit_2_naming_the_flag() {
         (&["bench", "--cores", "3-1"][..], "--cores"),
         (&["bench", "--claims", "0"][..], "--claims"),
         (&["bench", "--ttl", "600h"][..], "--ttl"),
+        (
+            &["bench", "--tier1-capacity", "1000000000", "--shards", "64"][..],
+            "--tier1-capacity",
+        ),
     ] {
         let o = txgate(args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));

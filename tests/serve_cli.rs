@@ -47,6 +47,19 @@ fn bad_flags_exit_2_naming_the_flag() {
     let with = |extra: &[&'static str]| -> Vec<&'static str> {
         base.iter().copied().chain(extra.iter().copied()).collect()
     };
+    // More tier-1 than any machine here holds: 10^9 64-byte TxIDs on each of
+    // two shards (about 200 GB).
+    usage_error(
+        &with(&[
+            "--tier1-capacity",
+            "1000000000",
+            "--txid-len",
+            "64",
+            "--cores",
+            "0,1",
+        ]),
+        "--tier1-capacity",
+    );
     usage_error(&["serve", "--listen", "127.0.0.1:0"], "--forward");
     usage_error(&["serve", "--forward", "127.0.0.1:9"], "--listen");
     for (extra, flag) in [

@@ -141,6 +141,37 @@ fn bench_command() -> (Command, cache::flags::CacheFlags) {
     register_flags(cmd, "", "TXGATE_")
 }
 
+/// Exits 2 naming `--tier1-capacity` when the shards' tier-1 tables (each
+/// allocated and touched at start) would not fit in this machine's memory:
+/// a clear refusal instead of an allocation abort or the OOM killer.
+fn check_tier1_fits(cmd: &mut Command, capacity: usize, txid_len: usize, shards: usize) {
+    let need = txgate::tier1::Tier1::bytes_for(capacity, txid_len) * shards as u128;
+    let Some(total) = mem_total_bytes() else {
+        return;
+    };
+    if need > u128::from(total) {
+        let gib = |b: u128| b as f64 / f64::from(1u32 << 30);
+        cmd.error(
+            ErrorKind::ValueValidation,
+            format!(
+                "--tier1-capacity {capacity}: {shards} shard(s) of {txid_len}-byte TxIDs need \
+                 {:.1} GiB of tier-1, more than this machine's {:.1} GiB",
+                gib(need),
+                gib(u128::from(total))
+            ),
+        )
+        .exit();
+    }
+}
+
+/// `MemTotal` from `/proc/meminfo`, in bytes.
+fn mem_total_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// A dedup TTL: a duration tier-1 can hold (about 24.8 days at most).
 fn parse_ttl(s: &str) -> Result<Duration, String> {
     let d = parse_duration(s)?;
@@ -257,6 +288,12 @@ fn run_bench(cmd: &mut Command, m: &ArgMatches, store: &cache::flags::CacheFlags
             .map_or(mine.len(), |&n| n as usize);
         (0..n).map(|i| mine[i % mine.len()]).collect()
     };
+    check_tier1_fits(
+        cmd,
+        *m.get_one::<u64>("tier1-capacity").expect("default") as usize,
+        *m.get_one::<u64>("txid-len").expect("default") as usize,
+        cores.len(),
+    );
     let by_duration = first_of(cmd, m, "duration", "claims");
     let stop = match (
         m.get_one::<Duration>("duration")
@@ -620,6 +657,16 @@ fn run_serve(cmd: &mut Command, m: &ArgMatches, ingress: &cache::flags::CacheFla
             .unwrap_or_else(txgate::txidset::default_instance_id),
         ..TxIdSetConfig::default()
     };
+    let shards = match config.engine.cores.len() {
+        0 => affinity_cores().map_or(1, |c| c.len().max(1)),
+        n => n,
+    };
+    check_tier1_fits(
+        cmd,
+        config.engine.txidset.tier1_capacity,
+        config.engine.txidset.txid_len,
+        shards,
+    );
     if config.engine.txidset.ttl.is_zero() {
         cmd.error(
             ErrorKind::ValueValidation,
