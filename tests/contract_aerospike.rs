@@ -250,6 +250,43 @@ fn a_node_that_moves_to_a_new_address_is_followed_there() {
     );
 }
 
+/// A peer that every node lists but that never answers is tried once a
+/// tending round, not once per node that lists it: each try costs a dial
+/// timeout, and three nodes made three a round.
+#[test]
+fn an_unanswering_peer_is_tried_once_a_round() {
+    use std::net::TcpListener;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let server = AeroServer::start(3, "test");
+    let mut cfg = config(server.seeds());
+    cfg.dial_timeout = Duration::from_millis(100);
+    let backend = cache::open(&cfg).expect("opens");
+    let Some(txgate::cache::Backend::Aerospike(ref a)) = backend else {
+        panic!("an aerospike backend")
+    };
+    // Accepts and never answers; counts the tries.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let tries = Arc::new(AtomicU64::new(0));
+    let counted = tries.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in silent.incoming().take(1000) {
+            counted.fetch_add(1, Ordering::SeqCst);
+            held.push(c);
+        }
+    });
+    server.list_phantom(addr);
+    let from = a.tend_rounds();
+    support::wait_for("four tending rounds", Duration::from_secs(20), || {
+        a.tend_rounds() >= from + 4
+    });
+    let (rounds, tried) = (a.tend_rounds() - from, tries.load(Ordering::SeqCst));
+    assert!(tried >= 1, "the phantom was tried");
+    assert!(tried <= rounds + 1, "{tried} tries in {rounds} rounds");
+}
+
 #[test]
 fn a_node_that_joins_after_open_is_found_dialed_and_given_its_partitions() {
     // Three nodes listen; two form the cluster at open, the third joins later.

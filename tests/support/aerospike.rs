@@ -89,6 +89,9 @@ const TTL_MAX_S: u32 = 10 * 365 * 24 * 3600;
 const RECORD_BYTES_MAX: usize = 1 << 20;
 /// 2010-01-01 UTC in Unix seconds: the epoch of reply expirations.
 const CITRUSLEAF_EPOCH: u64 = 1_262_304_000;
+/// The node id of the peer [`AeroServer::list_phantom`] adds.
+pub const PHANTOM_ID: &str = "BB9FFFFFFFFFFFF";
+
 /// The cluster name every node reports.
 pub const CLUSTER_NAME: &str = "txgate-test";
 /// The build every node reports.
@@ -161,6 +164,9 @@ struct Shared {
     /// Nodes that left with [`AeroServer::leave_last`]: each answers as a
     /// cluster of its own (no peers, every partition its own).
     left: Vec<AtomicBool>,
+    /// A peer every node lists that is not one of ours (see
+    /// [`AeroServer::list_phantom`]).
+    phantom: Mutex<Option<SocketAddr>>,
     /// `replicas` reads answered, per node; the node (+1) whose read the
     /// knob last refused, and its answered count then.
     replicas_served: Vec<AtomicU64>,
@@ -252,6 +258,7 @@ impl AeroServer {
             forming: AtomicBool::new(false),
             fail_replicas: AtomicU64::new(0),
             left: (0..nodes).map(|_| AtomicBool::new(false)).collect(),
+            phantom: Mutex::new(None),
             replicas_served: (0..nodes).map(|_| AtomicU64::new(0)).collect(),
             replicas_failed_on: AtomicUsize::new(0),
             replicas_served_at_failure: AtomicU64::new(0),
@@ -362,6 +369,14 @@ impl AeroServer {
         );
         self.shared.peers_generation.fetch_add(1, Ordering::SeqCst);
         addr
+    }
+
+    /// From now on every node lists, besides its real peers, a peer with id
+    /// [`PHANTOM_ID`] at `addr` (which the test controls: e.g. a listener
+    /// that never answers), and `peers-generation` moves on.
+    pub fn list_phantom(&self, addr: SocketAddr) {
+        *lock(&self.shared.phantom) = Some(addr);
+        self.shared.peers_generation.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Sleep this long before each reply (record and info alike).
@@ -774,10 +789,13 @@ fn info_value(shared: &Shared, node: usize, command: &str) -> String {
             format!("1,{},[]", shared.port(node))
         }
         "peers-clear-std" => {
-            let peers: Vec<String> = (0..shared.active.load(Ordering::SeqCst))
+            let mut peers: Vec<String> = (0..shared.active.load(Ordering::SeqCst))
                 .filter(|&i| i != node)
                 .map(|i| format!("[{},,[127.0.0.1:{}]]", Shared::node_id(i), shared.port(i)))
                 .collect();
+            if let Some(a) = *lock(&shared.phantom) {
+                peers.push(format!("[{PHANTOM_ID},,[{}:{}]]", a.ip(), a.port()));
+            }
             format!("1,{},[{}]", shared.port(node), peers.join(","))
         }
         "peers-generation" => shared.peers_generation.load(Ordering::SeqCst).to_string(),

@@ -512,6 +512,9 @@ fn discover_joined(
 ) -> (Vec<Node>, bool) {
     let mut joined: Vec<Node> = Vec::new();
     let mut complete = true;
+    // Each new peer is tried once a round at the same addresses, however
+    // many lists name it: one that does not answer costs a dial timeout.
+    let mut tried: Vec<(String, Vec<SocketAddr>)> = Vec::new();
     for n in known {
         let Some(pairs) = ask(&n.addr, &["peers-clear-std"]) else {
             complete = false;
@@ -545,6 +548,10 @@ fn discover_joined(
             {
                 continue;
             }
+            if tried.iter().any(|(id, a)| *id == p.id && *a == addrs) {
+                continue;
+            }
+            tried.push((p.id.clone(), addrs.clone()));
             let mut confirmed = false;
             for addr in addrs {
                 if let Some(id) = ask(&addr, &["node"])
