@@ -190,13 +190,15 @@ pub fn run(engine: &Engine, backend: &str, cfg: &BenchConfig) -> Result<BenchOut
         let (cfg, done) = (cfg2.clone(), done2.clone());
         async move { run_shard(s, cfg, done).await }
     }));
+    // The measured phase ends here, before the progress thread is joined
+    // (it may be in a 250 ms sleep).
+    let elapsed_ns = started.elapsed().as_nanos() as u64;
+    let cpu_after = process_cpu_ns();
     finished.store(true, Ordering::Relaxed);
     if let Some(p) = progress {
         let _ = p.join();
     }
     let per_shard = per_shard?;
-    let elapsed_ns = started.elapsed().as_nanos() as u64;
-    let cpu_after = process_cpu_ns();
     let mut verdicts = ClaimCounters::default();
     let (mut dups, mut anomalies) = (0u64, 0u64);
     let mut results = Vec::with_capacity(shards);
