@@ -467,22 +467,34 @@ fn published_values(gate: &Gate, n: usize, within: Duration) -> Vec<u64> {
 /// already due when first polled) froze them until the flood ended.
 #[test]
 fn a_flooded_shard_keeps_publishing() {
+    let sink = Sink::start();
+    let gate = Gate::start(config(1, &sink)).unwrap();
+    publishing_under_a_flood(&gate, |_| {});
+    gate.shutdown();
+}
+
+/// Floods `gate` (a sender that never pauses, up to 8 s), waits for five
+/// rising published values while the flood is still on, runs `mid` on the
+/// gate then, and stops the sender.
+fn publishing_under_a_flood(gate: &Gate, mid: impl FnOnce(&Gate)) {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    let sink = Sink::start();
-    let gate = Gate::start(config(1, &sink)).unwrap();
-    let to = gate.local_addr();
     let stop = Arc::new(AtomicBool::new(false));
-    let sender = stream(to, stop.clone(), Duration::from_secs(8), None);
-    published_values(&gate, 5, Duration::from_secs(8));
+    let sender = stream(
+        gate.local_addr(),
+        stop.clone(),
+        Duration::from_secs(8),
+        None,
+    );
+    published_values(gate, 5, Duration::from_secs(8));
+    mid(gate);
     assert!(
         !sender.is_finished(),
         "the flood was still on while the counters moved"
     );
     stop.store(true, Ordering::Relaxed);
     sender.join().unwrap();
-    gate.shutdown();
 }
 
 /// The same with claims waiting on a network store: a read that comes back
@@ -496,29 +508,18 @@ fn a_flooded_shard_keeps_publishing() {
 /// path end to end rather than pinning the fix.)
 #[test]
 fn a_streamed_shard_with_claims_on_the_store_keeps_turning() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-
     let redis = RedisServer::start();
     let sink = Sink::start();
     let mut c = config(1, &sink);
     c.store = redis_store(&redis.addr());
     let gate = Gate::start(c).unwrap();
-    let to = gate.local_addr();
-    let stop = Arc::new(AtomicBool::new(false));
-    let sender = stream(to, stop.clone(), Duration::from_secs(8), None);
-    published_values(&gate, 5, Duration::from_secs(8));
-    let decided: u64 = gate
-        .snapshots()
-        .iter()
-        .map(|s| s.claims.won + s.claims.lost)
-        .sum();
-    assert!(
-        !sender.is_finished(),
-        "the stream was still on while the counters moved"
-    );
-    assert!(decided > 0, "claims completed through the store mid-stream");
-    stop.store(true, Ordering::Relaxed);
-    sender.join().unwrap();
+    publishing_under_a_flood(&gate, |gate| {
+        let decided: u64 = gate
+            .snapshots()
+            .iter()
+            .map(|s| s.claims.won + s.claims.lost)
+            .sum();
+        assert!(decided > 0, "claims completed through the store mid-stream");
+    });
     gate.shutdown();
 }
