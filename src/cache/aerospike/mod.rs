@@ -297,6 +297,16 @@ struct Seen {
     peers: Option<String>,
 }
 
+impl Seen {
+    /// The generations an info reply carries.
+    fn of(p: &codec::InfoPairs) -> Self {
+        Self {
+            partitions: value(p, "partition-generation").map(str::to_owned),
+            peers: value(p, "peers-generation").map(str::to_owned),
+        }
+    }
+}
+
 /// The tending loop: while the backend lives, poll every node's
 /// `partition-generation` and `peers-generation` each [`TEND_INTERVAL`]; on
 /// a peers change, add the nodes that joined; on any change, rebuild the
@@ -330,16 +340,12 @@ fn tend(weak: Weak<Settings>, mut seen: Vec<Seen>) {
         let now: Vec<Seen> = nodes
             .iter()
             .map(|n| {
-                match (!n.gone)
-                    .then(|| ask(&n.addr, &["partition-generation", "peers-generation"]))
-                    .flatten()
-                {
-                    Some(p) => Seen {
-                        partitions: value(&p, "partition-generation").map(str::to_owned),
-                        peers: value(&p, "peers-generation").map(str::to_owned),
-                    },
-                    None => Seen::default(),
+                if n.gone {
+                    return Seen::default();
                 }
+                ask(&n.addr, &["partition-generation", "peers-generation"])
+                    .map(|p| Seen::of(&p))
+                    .unwrap_or_default()
             })
             .collect();
         s.tend_rounds.fetch_add(1, Ordering::Relaxed);
@@ -379,10 +385,7 @@ fn tend(weak: Weak<Settings>, mut seen: Vec<Seen>) {
                 tracing::info!(node = %joined.id, addr = %joined.addr, "an Aerospike node joined");
                 now.push(
                     ask(&joined.addr, &["partition-generation", "peers-generation"])
-                        .map(|p| Seen {
-                            partitions: value(&p, "partition-generation").map(str::to_owned),
-                            peers: value(&p, "peers-generation").map(str::to_owned),
-                        })
+                        .map(|p| Seen::of(&p))
                         .unwrap_or_default(),
                 );
                 nodes.push(joined);
@@ -980,10 +983,7 @@ fn discover(config: &Config, namespace: &str, deadline: Instant) -> Result<Disco
             addr,
             gone: false,
         });
-        gens.push(Seen {
-            partitions: value(&pairs, "partition-generation").map(str::to_owned),
-            peers: value(&pairs, "peers-generation").map(str::to_owned),
-        });
+        gens.push(Seen::of(&pairs));
         if let Some(replicas) = value(&pairs, "replicas").filter(|_| !forming) {
             match codec::parse_replicas_masters(replicas, namespace) {
                 Ok(Some(masters)) => {
