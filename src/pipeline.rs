@@ -881,7 +881,9 @@ mod tests {
             }
             let c = p.counters();
             assert_eq!(c.replies, 64);
-            assert!(c.reads <= 20, "{} reads for 64 replies", c.reads);
+            // Measured: 15-17 reads with the pause, 45-53 without it. The
+            // bound leaves room for a loaded host's late timers and sleeps.
+            assert!(c.reads <= 30, "{} reads for 64 replies", c.reads);
         });
     }
 
