@@ -197,6 +197,41 @@ fn cluster_shards_is_used_when_cluster_slots_is_refused() {
     }
 }
 
+#[test]
+fn a_user_refused_info_still_finds_the_cluster() {
+    require_redis();
+    let cluster = RedisCluster::start();
+    let owners: Vec<usize> = (0..30)
+        .map(|i| cluster.node_for_key(format!("noinfo:{i}").as_bytes()))
+        .collect();
+    // Least privilege: no INFO (it is in @dangerous). Taking "standalone"
+    // for granted would send two thirds of the keys to the wrong node.
+    for node in cluster.nodes() {
+        node.cmd(&[
+            "ACL", "SETUSER", "probe", "on", ">pw", "~*", "+@all", "-info",
+        ])
+        .expect_ok("ACL SETUSER");
+    }
+    let mut cfg = config(&cluster.seed_addr());
+    cfg.redis_username = Some("probe".into());
+    cfg.redis_password = Some("pw".into());
+    let backend = cache::open(&cfg).expect("opens");
+    match &backend {
+        Some(cache::Backend::Redis(r)) => assert!(r.info().cluster, "{:?}", r.info()),
+        _ => panic!("not a Redis backend"),
+    }
+    let e = support::engine(2, backend);
+    for (i, &node) in owners.iter().enumerate() {
+        let key = format!("noinfo:{i}");
+        set(&e, key.as_bytes(), b"v");
+        assert_eq!(
+            cluster.node(node).cli(&["GET", &key]).trim(),
+            "v",
+            "{key} on node {node}"
+        );
+    }
+}
+
 /// Runs `op` on `e` from a helper thread; `None` if no answer came within
 /// `within` (the op hangs).
 fn op_within(e: &Arc<Engine>, key: &str, within: Duration) -> Option<Result<Reply, String>> {

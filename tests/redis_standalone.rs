@@ -88,6 +88,11 @@ fn open_with_a_wrong_password_is_an_auth_error_and_the_right_one_works() {
     let mut cfg = config(&server.addr());
     let none = cache::open(&cfg);
     assert!(matches!(none, Err(CacheError::Auth { .. })), "{none:?}");
+    // SELECT goes first and gets NOAUTH: still an auth failure.
+    cfg.redis_db = 1;
+    let none = cache::open(&cfg);
+    assert!(matches!(none, Err(CacheError::Auth { .. })), "{none:?}");
+    cfg.redis_db = 0;
     cfg.redis_password = Some("wrong".into());
     let wrong = cache::open(&cfg);
     assert!(matches!(wrong, Err(CacheError::Auth { .. })), "{wrong:?}");
@@ -163,4 +168,71 @@ fn claims_across_two_instances_forward_each_txid_once() {
         matches!(pttl, support::redis::Resp::Int(ms) if (1..=60_000).contains(&ms)),
         "PTTL {pttl:?}"
     );
+}
+
+/// Opens `server` as ACL user `probe` with `rules` added to `+@all`.
+fn open_as_limited_user(
+    server: &RedisServer,
+    rules: &[&str],
+) -> Result<Option<cache::Backend>, CacheError> {
+    let mut acl = vec![
+        "ACL", "SETUSER", "probe", "reset", "on", ">pw", "~*", "+@all",
+    ];
+    acl.extend_from_slice(rules);
+    server.cmd(&acl).expect_ok("ACL SETUSER");
+    let mut cfg = config(&server.addr());
+    cfg.redis_username = Some("probe".into());
+    cfg.redis_password = Some("pw".into());
+    cache::open(&cfg)
+}
+
+fn redis_info(backend: &Option<cache::Backend>) -> txgate::cache::redis::ServerInfo {
+    match backend {
+        Some(cache::Backend::Redis(r)) => r.info().clone(),
+        _ => panic!("not a Redis backend"),
+    }
+}
+
+#[test]
+fn a_user_refused_info_still_learns_version_and_mode() {
+    require_redis();
+    let server = RedisServer::start();
+    let info_text = server.cli(&["INFO", "server"]);
+    let real = info_text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("redis_version:"))
+        .expect("redis_version")
+        .to_owned();
+    // Without INFO: HELLO names the version, so SET NX GET stays on.
+    let info = redis_info(&open_as_limited_user(&server, &["-info"]).expect("opens via HELLO"));
+    let (a, b, c) = info.version;
+    assert_eq!(format!("{a}.{b}.{c}"), real);
+    assert_eq!(info.nx_get, info.version >= (7, 0, 0));
+    assert!(!info.cluster);
+    // Without INFO and HELLO (renamed away: an ACL cannot refuse HELLO):
+    // CLUSTER SLOTS says "cluster support disabled"; the version is
+    // unknown, so no NX GET retry.
+    let renamed = RedisServer::start_with(&[
+        "--rename-command",
+        "INFO",
+        "",
+        "--rename-command",
+        "HELLO",
+        "",
+    ]);
+    let info = redis_info(&open_as_limited_user(&renamed, &[]).expect("opens via CLUSTER SLOTS"));
+    assert_eq!(info.version, (0, 0, 0));
+    assert!(!info.nx_get);
+    assert!(!info.cluster);
+    // Nothing tells: open fails, naming what to grant.
+    match open_as_limited_user(&renamed, &["-cluster"]) {
+        Err(CacheError::Connect { detail, .. }) => {
+            assert!(
+                detail.contains("+info, +hello or +cluster|slots"),
+                "{detail}"
+            )
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("opened without knowing whether it is a cluster"),
+    }
 }

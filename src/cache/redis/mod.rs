@@ -900,6 +900,66 @@ impl Write for VerifyStream {
     }
 }
 
+/// What `open` learned of the server's version and mode, from whichever
+/// command the server answered; `None`: not learned yet.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct ServerProbe {
+    version: Option<(u32, u32, u32)>,
+    cluster: Option<bool>,
+    /// The errors of the commands refused, for the message when nothing
+    /// answered.
+    refusals: Vec<String>,
+}
+
+impl ServerProbe {
+    /// The replies to `INFO server` and `INFO cluster`.
+    fn read_info(&mut self, server: &Reply, cluster: &Reply) {
+        match server {
+            Reply::Bulk(text) => {
+                self.version = info_field(text, "redis_version").and_then(parse_version);
+            }
+            Reply::Error(e) => self.refusals.push(format!("INFO: {e}")),
+            _ => {}
+        }
+        match cluster {
+            Reply::Bulk(text) => {
+                self.cluster = info_field(text, "cluster_enabled").map(|v| v == "1");
+            }
+            Reply::Error(e) if !matches!(server, Reply::Error(_)) => {
+                self.refusals.push(format!("INFO cluster: {e}"));
+            }
+            _ => {}
+        }
+    }
+
+    /// The reply to `HELLO` (RESP2: field names and values alternating).
+    fn read_hello(&mut self, reply: &Reply) {
+        let items = match reply {
+            Reply::Array(items) => items,
+            Reply::Error(e) => {
+                self.refusals.push(format!("HELLO: {e}"));
+                return;
+            }
+            _ => return,
+        };
+        let text = |r: &Reply| match r {
+            Reply::Bulk(b) | Reply::Simple(b) => std::str::from_utf8(b).ok().map(str::to_owned),
+            _ => None,
+        };
+        for pair in items.chunks_exact(2) {
+            match text(&pair[0]).as_deref() {
+                Some("version") if self.version.is_none() => {
+                    self.version = text(&pair[1]).as_deref().and_then(parse_version);
+                }
+                Some("mode") if self.cluster.is_none() => {
+                    self.cluster = text(&pair[1]).map(|m| m == "cluster");
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
 fn verify(s: &Settings) -> Result<(ServerInfo, Option<SlotMap>), CacheError> {
     let addr = s.addr_text.clone();
     let deadline = Instant::now() + s.dial_timeout;
@@ -968,7 +1028,11 @@ fn verify(s: &Settings) -> Result<(ServerInfo, Option<SlotMap>), CacheError> {
     for cmd in handshake_commands(s, None) {
         let args: Vec<&[u8]> = cmd.iter().map(|a| a.as_slice()).collect();
         match ask(&args)? {
-            Reply::Error(e) if cmd[0] == b"AUTH" => {
+            // A server that wants a password answers NOAUTH to SELECT,
+            // which goes before PING: that too is an auth failure.
+            Reply::Error(e)
+                if cmd[0] == b"AUTH" || e.starts_with("NOAUTH") || e.starts_with("WRONGPASS") =>
+            {
                 return Err(CacheError::Auth {
                     addr: addr.clone(),
                     detail: e,
@@ -998,22 +1062,51 @@ fn verify(s: &Settings) -> Result<(ServerInfo, Option<SlotMap>), CacheError> {
             });
         }
     }
-    let info = |section: &[u8], reply: Reply| -> Vec<u8> {
-        let _ = section;
-        match reply {
-            Reply::Bulk(b) => b,
-            _ => Vec::new(),
+    // What the server is. INFO may be refused (an ACL user without `+info`,
+    // or the command renamed away): then HELLO (Redis ≥ 6.0, in
+    // `@connection`) names version and mode, and failing that, whether
+    // CLUSTER SLOTS works. Guessing "standalone" would send two thirds of a
+    // cluster's claims to the wrong node, each failing open with MOVED.
+    let mut probe = ServerProbe::default();
+    probe.read_info(&ask(&[b"INFO", b"server"])?, &ask(&[b"INFO", b"cluster"])?);
+    if probe.version.is_none() || probe.cluster.is_none() {
+        probe.read_hello(&ask(&[b"HELLO"])?);
+    }
+    let mut slots = None;
+    if probe.cluster.is_none() {
+        let reply = ask(&[b"CLUSTER", b"SLOTS"])?;
+        match &reply {
+            Reply::Array(_) => probe.cluster = Some(true),
+            Reply::Error(e) if e.contains("cluster support disabled") => {
+                probe.cluster = Some(false)
+            }
+            Reply::Error(e) => probe.refusals.push(format!("CLUSTER SLOTS: {e}")),
+            _ => {}
         }
+        slots = Some(reply);
+    }
+    let Some(cluster) = probe.cluster else {
+        return Err(CacheError::Connect {
+            addr: addr.clone(),
+            detail: format!(
+                "cannot tell whether it is a cluster node: INFO, HELLO and CLUSTER SLOTS were \
+                 all refused ({}); grant the user one of +info, +hello or +cluster|slots",
+                probe.refusals.join("; ")
+            ),
+        });
     };
-    let server = info(b"server", ask(&[b"INFO", b"server"])?);
-    let cluster = info(b"cluster", ask(&[b"INFO", b"cluster"])?);
-    let version = info_field(&server, "redis_version")
-        .and_then(parse_version)
-        .unwrap_or((0, 0, 0));
+    let version = probe.version.unwrap_or((0, 0, 0));
+    if probe.version.is_none() {
+        tracing::warn!(
+            addr = %addr,
+            "the server's version is unknown (INFO and HELLO refused): SET NX GET, and with it \
+             the one safe retry of an ambiguous claim, stays off"
+        );
+    }
     let info = ServerInfo {
         version,
         nx_get: version >= (7, 0, 0),
-        cluster: info_field(&cluster, "cluster_enabled") == Some("1"),
+        cluster,
     };
     if !info.cluster {
         return Ok((info, None));
@@ -1024,7 +1117,10 @@ fn verify(s: &Settings) -> Result<(ServerInfo, Option<SlotMap>), CacheError> {
             s.db
         )));
     }
-    let slots = ask(&[b"CLUSTER", b"SLOTS"])?;
+    let slots = match slots {
+        Some(reply) => reply,
+        None => ask(&[b"CLUSTER", b"SLOTS"])?,
+    };
     let map = match slots {
         // A server without the deprecated command: CLUSTER SHARDS (≥ 7.0).
         Reply::Error(_) => parse_cluster_shards(&ask(&[b"CLUSTER", b"SHARDS"])?, &s.seed_host),
