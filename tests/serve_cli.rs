@@ -352,10 +352,16 @@ fn sigterm_drains_claims_stuck_on_a_frozen_store_then_exits_0() {
         &redis.addr(),
         "--ingress-dedup-op-timeout",
         "700ms",
+        "--instance-id",
+        "edge a",
     ]);
     let first: Vec<Vec<u8>> = (0..100u64).map(|i| datagram(&txid(i), 0, b"1")).collect();
     send_paced(serve.listen, &first, 50);
     sink.wait_for(100, Duration::from_secs(10), Duration::ZERO);
+    // The store's connection is named for the chosen instance id (its space
+    // made `_`: Redis refuses spaces in client names).
+    let clients = redis.cli(&["CLIENT", "LIST"]);
+    assert!(clients.contains("name=txgate-edge_a-s0 "), "{clients}");
 
     // Freeze the store: the next claims wait on it until the op timeout.
     redis.pause();

@@ -674,6 +674,13 @@ fn run_serve(cmd: &mut Command, m: &ArgMatches, ingress: &cache::flags::CacheFla
         )
         .exit();
     }
+    let mut store = store;
+    // The store's client name follows a chosen instance id unless set too.
+    if m.get_one::<String>("instance-id").is_some()
+        && store.redis_client_name == cache::Config::default().redis_client_name
+    {
+        store.redis_client_name = cache::redis::client_name_for(&config.engine.txidset.instance_id);
+    }
     let store_kind = store.backend;
     config.store = store;
     let gate = match Gate::start(config) {

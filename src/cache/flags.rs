@@ -93,7 +93,7 @@ pub fn register_flags(cmd: Command, flag_prefix: &str, env_prefix: &str) -> (Com
         .arg(
             f.arg("redis-client-name")
                 .value_name("NAME")
-                .help("CLIENT SETNAME prefix (default txgate-<hostname>-<pid>); each shard's connection adds -s<shard>"),
+                .help("CLIENT SETNAME prefix (default txgate-<instance id>); each shard's connection adds -s<shard>"),
         )
         .arg(
             f.arg("redis-inflight-max")
@@ -266,7 +266,9 @@ impl CacheFlags {
                 .expect("has a default"),
             redis_addr: non_empty(s("redis-addr")),
             redis_username: non_empty(s("redis-username")),
-            redis_password: s("redis-password"),
+            // An empty variable (`…_REDIS_PASSWORD=`) is no password, not
+            // `AUTH ""`, which a server without one refuses.
+            redis_password: s("redis-password").filter(|p| !p.is_empty()),
             redis_db: *m
                 .get_one::<u32>(&self.id("redis-db"))
                 .expect("has a default"),
@@ -313,6 +315,13 @@ impl CacheFlags {
                     "{:?} must be below the op timeout ({:?}): replies would wait past it",
                     config.aero_reply_gather, config.op_timeout
                 ),
+            });
+        }
+        if let Some(bad) = super::redis::client_name_problem(&config.redis_client_name) {
+            return Err(FlagError::Invalid {
+                flag: self.flag("redis-client-name"),
+                env: self.env("redis-client-name"),
+                problem: bad,
             });
         }
         // Any TLS file means TLS.
@@ -538,11 +547,44 @@ mod tests {
             std::env::set_var("TXGATE_ENVT_BACKEND", "redis");
             std::env::set_var("TXGATE_ENVT_REDIS_ADDR", "10.0.0.1:6380");
             std::env::set_var("TXGATE_ENVT_OP_TIMEOUT", "7ms");
+            // Set but empty: no password (not `AUTH ""`).
+            std::env::set_var("TXGATE_ENVT_REDIS_PASSWORD", "");
         }
         let (cmd, f) = register_flags(Command::new("t"), "envt-", "TXGATE_ENVT_");
         let c = f.config(&cmd.try_get_matches_from(["t"]).unwrap()).unwrap();
         assert_eq!(c.backend, BackendKind::Redis);
         assert_eq!(c.redis_addr.as_deref(), Some("10.0.0.1:6380"));
         assert_eq!(c.op_timeout, Duration::from_millis(7));
+        assert_eq!(c.redis_password, None);
+    }
+
+    #[test]
+    fn a_client_name_redis_would_refuse_names_the_flag() {
+        let redis = [
+            "--ingress-dedup-backend",
+            "redis",
+            "--ingress-dedup-redis-addr",
+            "h:1",
+        ];
+        for bad in ["edge gw", "a\nb", "caf\u{e9}"] {
+            let args: Vec<&str> = redis
+                .iter()
+                .copied()
+                .chain(["--ingress-dedup-redis-client-name", bad])
+                .collect();
+            let err = parse(&args).unwrap_err();
+            assert!(err.contains("--ingress-dedup-redis-client-name"), "{err}");
+            assert!(err.contains("printable ASCII without spaces"), "{err}");
+        }
+        let args: Vec<&str> = redis
+            .iter()
+            .copied()
+            .chain(["--ingress-dedup-redis-client-name", "edge-gw_1"])
+            .collect();
+        assert_eq!(parse(&args).unwrap().redis_client_name, "edge-gw_1");
+        assert_eq!(
+            crate::cache::redis::client_name_for("edge a:\u{e9}"),
+            "txgate-edge_a:_"
+        );
     }
 }

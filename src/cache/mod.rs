@@ -111,7 +111,8 @@ pub struct Config {
     /// Database for `SELECT` (standalone servers only).
     pub redis_db: u32,
     /// `CLIENT SETNAME` prefix; each shard's connection adds `-s{shard}`.
-    /// Default `txgate-{hostname}-{pid}`: `CLIENT LIST` shows who is who.
+    /// Default `txgate-{instance id}` (`{hostname}-{pid}` unless set):
+    /// `CLIENT LIST` shows who is who.
     pub redis_client_name: String,
     /// Bound on requests in flight per connection; past it ops fail fast.
     pub redis_inflight_max: usize,
@@ -156,7 +157,7 @@ impl Default for Config {
             redis_username: None,
             redis_password: None,
             redis_db: 0,
-            redis_client_name: format!("txgate-{}", crate::txidset::default_instance_id()),
+            redis_client_name: redis::client_name_for(&crate::txidset::default_instance_id()),
             redis_inflight_max: REDIS_INFLIGHT_MAX_DEFAULT,
             redis_tls: false,
             redis_tls_ca_file: None,

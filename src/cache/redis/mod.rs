@@ -529,6 +529,25 @@ impl Connector for RedisConnector {
     }
 }
 
+/// Why Redis would refuse `name` for `CLIENT SETNAME` (it takes printable
+/// ASCII without spaces), checked where flags are read rather than failing
+/// every shard's dial; `None` when it is fine.
+pub fn client_name_problem(name: &str) -> Option<String> {
+    name.bytes().find(|b| !(b'!'..=b'~').contains(b)).map(|b| {
+        format!("'{name}' holds {b:#04x}: a client name takes printable ASCII without spaces")
+    })
+}
+
+/// `txgate-{instance_id}` with every byte Redis refuses in a client name
+/// made `_`.
+pub fn client_name_for(instance_id: &str) -> String {
+    let id: String = instance_id
+        .chars()
+        .map(|c| if ('!'..='~').contains(&c) { c } else { '_' })
+        .collect();
+    format!("txgate-{id}")
+}
+
 /// AUTH, SELECT and CLIENT SETNAME as the settings require.
 fn handshake_commands(s: &Settings, name: Option<&str>) -> Vec<Vec<Vec<u8>>> {
     let mut cmds = Vec::new();
