@@ -68,7 +68,7 @@ impl LatencyHistogram {
             .position(|&b| ns <= b)
             .unwrap_or(BUCKETS - 1);
         self.counts[i] += n;
-        self.sum_ns = self.sum_ns.wrapping_add(ns.saturating_mul(n));
+        self.sum_ns = self.sum_ns.saturating_add(ns.saturating_mul(n));
     }
 
     /// Counts one observation.
@@ -92,7 +92,7 @@ impl LatencyHistogram {
         for (a, b) in self.counts.iter_mut().zip(other.counts) {
             *a += b;
         }
-        self.sum_ns = self.sum_ns.wrapping_add(other.sum_ns);
+        self.sum_ns = self.sum_ns.saturating_add(other.sum_ns);
     }
 
     /// The smallest bucket bound at or above quantile `q` (0..=1), in ns;

@@ -159,6 +159,24 @@ fn an_unreachable_store_fails_closed_with_a_clear_error() {
     );
 }
 
+#[test]
+fn a_taken_admin_port_fails_the_start_naming_the_flag_before_any_forward() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin = taken.local_addr().unwrap().to_string();
+    let sink = Sink::start();
+    let o = txgate()
+        .args(["serve", "--listen", "127.0.0.1:0", "--forward"])
+        .arg(sink.addr().to_string())
+        .args(["--admin", &admin, "--cores", &cores(1)[0].to_string()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("--admin {admin}")), "{err}");
+    // It stopped before starting the gate: no listening line.
+    assert!(!err.contains("listening on"), "{err}");
+}
+
 /// A running `txgate serve` whose start-up line has been read.
 struct Serve {
     child: Child,

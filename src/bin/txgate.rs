@@ -683,12 +683,21 @@ fn run_serve(cmd: &mut Command, m: &ArgMatches, ingress: &cache::flags::CacheFla
     }
     let store_kind = store.backend;
     config.store = store;
+    // Bound before the gate starts: a taken admin port fails the start-up
+    // before any datagram is claimed or forwarded.
+    let admin_listener = match m.get_one::<Option<SocketAddr>>("admin").expect("default") {
+        Some(addr) => match std::net::TcpListener::bind(addr) {
+            Ok(l) => Some(l),
+            Err(e) => return fail(&format!("serve: --admin {addr}: cannot listen there: {e}")),
+        },
+        None => None,
+    };
     let gate = match Gate::start(config) {
         Ok(g) => Arc::new(g),
         Err(e) => return fail(&format!("serve: {e}")),
     };
-    let admin = match m.get_one::<Option<SocketAddr>>("admin").expect("default") {
-        Some(addr) => {
+    let admin = match admin_listener {
+        Some(listener) => {
             let g = gate.clone();
             let handler = Arc::new(move |path: &str| match path {
                 "/metrics" => Response {
@@ -703,11 +712,9 @@ fn run_serve(cmd: &mut Command, m: &ArgMatches, ingress: &cache::flags::CacheFla
                 "/livez" => Response::text(200, "ok\n"),
                 _ => Response::text(404, "not found: try /metrics, /readyz or /livez\n"),
             });
-            match Admin::start(*addr, handler) {
+            match Admin::serve(listener, handler) {
                 Ok(a) => Some(a),
-                Err(e) => {
-                    return fail(&format!("serve: binding the admin listener on {addr}: {e}"));
-                }
+                Err(e) => return fail(&format!("serve: starting the admin listener: {e}")),
             }
         }
         None => None,
