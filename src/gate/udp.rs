@@ -213,7 +213,10 @@ impl SendBatch {
 
     /// Sends every queued payload through `fd`, a socket connected to its
     /// target (blocking with a send timeout, so a full send buffer is waited
-    /// out, boundedly). Returns how many were sent; an error stops the batch.
+    /// out, boundedly). Returns how many were sent and the last error. An
+    /// error of one message (too large, refused by a firewall rule) skips
+    /// that message only: the rest were claimed and must still go. A send
+    /// buffer still full after its timeout stops the batch.
     /// A target that refuses GSO gets the rest one message per payload, and
     /// `mode` turns [`SendMode::Plain`] so later batches skip the attempt.
     pub fn send(&mut self, fd: RawFd, mode: &mut SendMode) -> (usize, Option<io::Error>) {
@@ -303,8 +306,9 @@ impl SendBatch {
         let mut sent = 0;
         let mut eintr = 0;
         // A connected socket reports an earlier ICMP port-unreachable on
-        // the next send, which then sends nothing: retry that once.
+        // the next send, which then sends nothing: retry that, boundedly.
         let mut refused = 0;
+        let mut last_err = None;
         while done < self.hdrs.len() {
             // SAFETY: headers `done..` were laid out by `build` and point at
             // live iovecs, cmsg slots and `to`.
@@ -322,11 +326,28 @@ impl SendBatch {
                     eintr += 1;
                     continue;
                 }
-                if e.kind() == io::ErrorKind::ConnectionRefused && refused < 1 {
+                if e.kind() == io::ErrorKind::ConnectionRefused && refused < 4 {
                     refused += 1;
                     continue;
                 }
-                return (sent, Some(e));
+                // The whole target's: a send buffer that stayed full (each
+                // retry would wait the timeout again), a refusal that keeps
+                // coming, or GSO refused (the caller retries plainly).
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::ConnectionRefused
+                ) || (gso && gso_refused(&e))
+                {
+                    return (sent, Some(e));
+                }
+                // This message's (after a partial send, the next call
+                // reports the error of the first message it did not send):
+                // skip it, send the rest.
+                done += 1;
+                last_err = Some(e);
+                continue;
             }
             if n == 0 {
                 break;
@@ -334,7 +355,7 @@ impl SendBatch {
             sent += self.counts[done..done + n as usize].iter().sum::<usize>();
             done += n as usize;
         }
-        (sent, None)
+        (sent, last_err)
     }
 }
 
@@ -496,6 +517,35 @@ mod tests {
             got, payloads,
             "one datagram per payload, unchanged, in order"
         );
+    }
+
+    #[test]
+    fn a_datagram_the_kernel_refuses_costs_only_itself() {
+        let (tx, rx) = connected_pair();
+        // Over IPv4's largest UDP payload (65 507 bytes): EMSGSIZE. A gate
+        // listening on [::] can receive one that size.
+        let payloads = vec![
+            vec![1u8; 100],
+            vec![2u8; 65_508],
+            vec![3u8; 100],
+            vec![4u8; 100],
+        ];
+        for mut mode in [SendMode::Plain, SendMode::Gso] {
+            let mut out = SendBatch::with_capacity(8);
+            for p in &payloads {
+                out.push(p);
+            }
+            let (sent, err) = out.send(tx.as_raw_fd(), &mut mode);
+            assert_eq!(sent, 3, "{mode:?}");
+            assert_eq!(
+                err.and_then(|e| e.raw_os_error()),
+                Some(libc::EMSGSIZE),
+                "{mode:?}"
+            );
+            let mut want = payloads.clone();
+            want.remove(1);
+            assert_eq!(receive_all(&rx, 3), want, "{mode:?}");
+        }
     }
 
     #[test]
