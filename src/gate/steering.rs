@@ -25,6 +25,11 @@ pub enum SteeringError {
         addr: SocketAddr,
         source: io::Error,
     },
+    #[error(
+        "another socket is bound to {addr} (another txgate still running?): the shards' \
+         SO_REUSEPORT group must be theirs alone, or it would take a share of the datagrams"
+    )]
+    Taken { addr: SocketAddr },
     #[error(transparent)]
     Program(#[from] RouteError),
     #[error("the kernel refused the steering program (SO_ATTACH_REUSEPORT_CBPF): {0}")]
@@ -33,9 +38,22 @@ pub enum SteeringError {
 
 /// Binds `shards` UDP sockets to `addr` as one `SO_REUSEPORT` group, in
 /// shard order. Port 0 picks a free port for the first and binds the rest to
-/// it.
+/// it. The group must be this gate's alone: a socket already on the address
+/// (another gate still draining, say) would take a share of the datagrams
+/// and shift every shard's index, so that is refused.
 pub fn reuseport_group(addr: SocketAddr, shards: usize) -> Result<Vec<UdpSocket>, SteeringError> {
-    let mut addr = addr;
+    // A probe without SO_REUSEPORT binds only where no socket is, reuseport
+    // or not; on port 0 it also picks the port, one nobody holds.
+    let probe = UdpSocket::bind(addr).map_err(|source| match source.kind() {
+        io::ErrorKind::AddrInUse => SteeringError::Taken { addr },
+        _ => SteeringError::Bind {
+            shard: 0,
+            addr,
+            source,
+        },
+    })?;
+    let mut addr = probe.local_addr().unwrap_or(addr);
+    drop(probe);
     let mut group = Vec::with_capacity(shards);
     for shard in 0..shards {
         let bind = |addr: SocketAddr| -> io::Result<Socket> {
@@ -162,5 +180,26 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn an_address_another_socket_holds_is_refused_not_joined() {
+        // A reuseport socket of the same user: the kernel would let the
+        // group join it, and datagrams would go to it and to wrong shards.
+        let other = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+        other.set_reuse_port(true).unwrap();
+        other
+            .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        let taken = other.local_addr().unwrap().as_socket().unwrap();
+        match reuseport_group(taken, 2) {
+            Err(SteeringError::Taken { addr }) => assert_eq!(addr, taken),
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("joined another socket's group"),
+        }
+        // Free again: it binds there.
+        drop(other);
+        let group = reuseport_group(taken, 2).unwrap();
+        assert_eq!(group[1].local_addr().unwrap(), taken);
     }
 }
