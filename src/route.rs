@@ -117,7 +117,7 @@ pub fn bpf_program(
     if shards == 0 || short_shard >= shards {
         return Err(RouteError::Shards(shards));
     }
-    let end = offset + txid_len;
+    let end = offset.saturating_add(txid_len);
     if end > 65_507 {
         return Err(RouteError::Offset {
             offset,
@@ -325,6 +325,7 @@ pub(crate) mod tests {
         assert_eq!(bpf_program(0, 65, 2, 0), Err(RouteError::TxIdLen(65)));
         assert_eq!(bpf_program(0, 16, 0, 0), Err(RouteError::Shards(0)));
         assert!(bpf_program(70_000, 16, 2, 0).is_err());
+        assert!(bpf_program(usize::MAX, 16, 2, 0).is_err());
     }
 
     /// Max/min shard load over 1 M TxIDs stays within this ratio: with 64

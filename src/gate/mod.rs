@@ -638,6 +638,9 @@ fn forward_sockets(
 ) -> Result<Vec<(UdpSocket, SocketAddr)>, GateError> {
     let mut out = Vec::with_capacity(forward.len());
     for to in forward {
+        // `[::ffff:a.b.c.d]` is an IPv4 target: on an IPv6 socket the kernel
+        // would send it with IPv4 multicast options that were never set.
+        let to = &SocketAddr::new(to.ip().to_canonical(), to.port());
         let err = |what: &str, source| GateError::Socket {
             what: format!("shard {shard}'s socket to {to} ({what})"),
             source,
@@ -910,5 +913,27 @@ fn block_on_within<F: std::future::Future>(fut: F, limit: Duration) -> Option<F:
             return None;
         }
         std::thread::park_timeout(left);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ipv4_mapped_target_gets_the_ipv4_multicast_options() {
+        let mc = Multicast {
+            ttl: 7,
+            loopback: false,
+            ..Multicast::default()
+        };
+        let mapped: SocketAddr = "[::ffff:239.1.2.3]:9000".parse().unwrap();
+        let socks = forward_sockets(0, &[mapped], &mc).unwrap();
+        let (sock, to) = &socks[0];
+        assert_eq!(*to, "239.1.2.3:9000".parse::<SocketAddr>().unwrap());
+        assert!(to.ip().is_multicast());
+        let s = socket2::SockRef::from(sock);
+        assert_eq!(s.multicast_ttl_v4().unwrap(), 7);
+        assert!(!s.multicast_loop_v4().unwrap());
     }
 }
