@@ -308,6 +308,8 @@ fn slots_reassigned_from_a_dead_master_are_found_by_themselves() {
         .filter(|&(_, _, n)| n == dead)
         .collect();
     std::thread::sleep(Duration::from_millis(300));
+    let before = counters(&e);
+    assert!(before.connects >= 3, "{before:?}");
     cluster.node(dead).kill9();
     // The shard's first re-read, right after the loss, still names it.
     std::thread::sleep(Duration::from_millis(500));
@@ -340,6 +342,30 @@ fn slots_reassigned_from_a_dead_master_are_found_by_themselves() {
         "the reassigned slot never served the shard again: {last:?}"
     );
     assert_eq!(cluster.node(1).cli(&["GET", &key]).trim(), "v");
+    // The dead master's connection left the shard with the new map; what
+    // it counted stays in the shard's totals (counters never go down).
+    let after = counters(&e);
+    for (name, b, a) in [
+        ("calls", before.calls, after.calls),
+        ("replies", before.replies, after.replies),
+        ("reads", before.reads, after.reads),
+        ("connects", before.connects, after.connects),
+        ("disconnects", before.disconnects, after.disconnects),
+    ] {
+        assert!(a >= b, "{name} went down: {before:?} -> {after:?}");
+    }
+    assert!(after.disconnects >= 1, "{after:?}");
+}
+
+/// Shard 0's connection counters, as `/metrics` shows them.
+fn counters(e: &Engine) -> txgate::pipeline::PipelineCounters {
+    futures_lite::future::block_on(e.on_every_shard(|s| async move {
+        s.backend()
+            .map(|b| b.connection_counters())
+            .unwrap_or_default()
+    }))
+    .unwrap()
+    .remove(0)
 }
 
 /// Nodes that announce hostnames (`cluster-preferred-endpoint-type

@@ -161,6 +161,7 @@ impl RedisBackend {
                     refreshing: Cell::new(false),
                     refreshed_at: Cell::new(Instant::now()),
                     retired: RefCell::new(Vec::new()),
+                    dropped: Cell::new(Default::default()),
                     disconnects_seen: Cell::new(0),
                     redirects: Cell::default(),
                 });
@@ -226,6 +227,10 @@ struct Cluster {
     /// Connections a new map no longer names, kept (and swept, so their
     /// calls still time out) until nothing is in flight on them.
     retired: RefCell<Vec<Rc<Pipeline<Resp>>>>,
+    /// The counters of connections no longer kept, so this shard's totals
+    /// never go down when the topology changes (Prometheus would read a
+    /// reset, mid-incident).
+    dropped: Cell<crate::pipeline::PipelineCounters>,
     disconnects_seen: Cell<u64>,
     redirects: Cell<Redirects>,
 }
@@ -361,9 +366,20 @@ impl Cluster {
         }
         self.retired.borrow_mut().retain(|p| {
             p.sweep(now);
-            p.inflight() > 0
+            let keep = p.inflight() > 0;
+            if !keep {
+                self.drop_counters(p);
+            }
+            keep
         });
         down
+    }
+
+    /// Keeps what a connection about to be dropped counted.
+    fn drop_counters(&self, p: &Pipeline<Resp>) {
+        let mut d = self.dropped.get();
+        d.add(&p.counters());
+        self.dropped.set(d);
     }
 
     /// Reads `CLUSTER SLOTS` from any live master and swaps the map in.
@@ -436,6 +452,8 @@ impl Cluster {
             let kept = keep.contains(n);
             if !kept && p.inflight() > 0 {
                 retired.push(p.clone());
+            } else if !kept {
+                self.drop_counters(p);
             }
             kept
         });
@@ -790,10 +808,15 @@ impl RedisShard {
         true
     }
 
+    /// Every connection this shard holds, retired ones included.
     fn pipelines(&self) -> Vec<Rc<Pipeline<Resp>>> {
         match &self.mode {
             Mode::Standalone(p) => vec![p.clone()],
-            Mode::Cluster(c) => c.conns.borrow().values().cloned().collect(),
+            Mode::Cluster(c) => {
+                let mut all: Vec<_> = c.conns.borrow().values().cloned().collect();
+                all.extend(c.retired.borrow().iter().cloned());
+                all
+            }
         }
     }
 
@@ -805,9 +828,13 @@ impl RedisShard {
         }
     }
 
-    /// Counters summed over this shard's connections.
+    /// Counters summed over this shard's connections, those it no longer
+    /// holds included: they only ever grow.
     pub fn counters(&self) -> crate::pipeline::PipelineCounters {
-        let mut t = crate::pipeline::PipelineCounters::default();
+        let mut t = match &self.mode {
+            Mode::Standalone(_) => Default::default(),
+            Mode::Cluster(c) => c.dropped.get(),
+        };
         for p in self.pipelines() {
             t.add(&p.counters());
         }
