@@ -329,6 +329,44 @@ fn fail_open_boot_serves_tier1_then_switches_to_redis_when_it_starts() {
 }
 
 #[test]
+fn readiness_names_a_shard_that_cannot_reach_the_store() {
+    let redis = RedisServer::start();
+    let sink = Sink::start();
+    let mut c = config(2, &sink);
+    c.store = redis_store(&redis.addr());
+    c.store.redis_client_name = "ready-test".into();
+    let gate = Gate::start(c).unwrap();
+    let (ready, why) = gate.readiness();
+    assert!(ready, "{why}");
+    // Shard 1 loses its connection and cannot get another (the server is
+    // full); shard 0's stays up.
+    let clients = redis.cli(&["CLIENT", "LIST"]);
+    let id = clients
+        .lines()
+        .find(|l| l.contains("name=ready-test-s1 "))
+        .and_then(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .unwrap_or_else(|| panic!("shard 1's connection: {clients}"))
+        .to_owned();
+    support::redis::send_commands(
+        &redis.addr(),
+        &[
+            vec![&b"CLIENT"[..], b"KILL", b"ID", id.as_bytes()],
+            vec![&b"CONFIG"[..], b"SET", b"maxclients", b"1"],
+        ],
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    wait_for(
+        "shard 1 to be named unready",
+        Duration::from_secs(10),
+        || {
+            let (ready, why) = gate.readiness();
+            !ready && why.contains("from shard 1 of 2")
+        },
+    );
+}
+
+#[test]
 fn forwards_to_a_multicast_group_with_ttl_0_so_nothing_leaves_the_host() {
     // TTL 0 keeps multicast on this host (looped back to local members), so
     // the test sends nothing beyond the machine.

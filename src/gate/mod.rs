@@ -466,7 +466,9 @@ impl Gate {
         let Some(engine) = &self.engine else {
             return (false, "stopped".into());
         };
-        let probe = engine.run_on(0, |s| async move {
+        // Every shard has connections of its own: one that cannot reach the
+        // store fails its claims open while the others are fine.
+        let probe = engine.on_every_shard(|s| async move {
             match s.backend() {
                 Some(b) => b.healthy().await,
                 None => true,
@@ -475,16 +477,28 @@ impl Gate {
         match block_on_within(probe, READINESS_WAIT) {
             None => (
                 false,
-                format!("not ready: shard 0 did not answer the probe within {READINESS_WAIT:?}"),
+                format!("not ready: the shards did not answer the probe within {READINESS_WAIT:?}"),
             ),
-            Some(Ok(true)) => (true, "ready".into()),
-            Some(Ok(false)) => (
-                false,
-                format!(
-                    "not ready: the {} store fails its health check; claims fail open",
-                    self.store_kind
-                ),
-            ),
+            Some(Ok(healthy)) if healthy.iter().all(|&h| h) => (true, "ready".into()),
+            Some(Ok(healthy)) => {
+                let failing: Vec<String> = healthy
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, h)| !**h)
+                    .map(|(i, _)| i.to_string())
+                    .collect();
+                (
+                    false,
+                    format!(
+                        "not ready: the {} store fails its health check from shard{} {} of {}; \
+                         their claims fail open",
+                        self.store_kind,
+                        if failing.len() == 1 { "" } else { "s" },
+                        failing.join(", "),
+                        healthy.len()
+                    ),
+                )
+            }
             Some(Err(e)) => (false, format!("not ready: {e}")),
         }
     }
@@ -602,9 +616,16 @@ fn upgrade_when_reachable(
                 continue;
             }
         };
+        // A retry after some shards connected leaves those as they are: a
+        // second install would reset their connection counters.
         let installed = futures_lite::future::block_on(engine.on_every_shard(move |s| {
             let b = backend.clone();
-            async move { s.install_backend(&b).await.map_err(|e| e.to_string()) }
+            async move {
+                if s.backend().is_some() {
+                    return Ok(());
+                }
+                s.install_backend(&b).await.map_err(|e| e.to_string())
+            }
         }));
         match installed {
             Ok(r) if r.iter().all(Result::is_ok) => {
