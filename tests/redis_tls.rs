@@ -170,3 +170,38 @@ fn plain_client_against_a_tls_port_is_an_error_not_a_hang() {
     assert!(cache::open(&cfg).is_err());
     assert!(t0.elapsed() < Duration::from_secs(5));
 }
+
+#[test]
+fn a_peer_trickling_a_tls_record_cannot_hold_open_past_the_dial_timeout() {
+    let pki = pki();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Reads the ClientHello, then sends a record header promising 16 KiB
+    // and its body a byte every 100 ms: each read is quick, the record
+    // never completes (bounded: 5 s).
+    let peer = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut c, _) = listener.accept().unwrap();
+        let mut hello = [0u8; 4096];
+        let _ = c.read(&mut hello);
+        let _ = c.write_all(&[0x16, 0x03, 0x03, 0x40, 0x00]);
+        for _ in 0..50 {
+            std::thread::sleep(Duration::from_millis(100));
+            if c.write_all(&[0x02]).is_err() {
+                return;
+            }
+        }
+    });
+    let mut cfg = config(port, &pki);
+    cfg.dial_timeout = Duration::from_millis(200);
+    let t0 = std::time::Instant::now();
+    let r = cache::open(&cfg);
+    let took = t0.elapsed();
+    assert!(
+        matches!(r, Err(txgate::cache::CacheError::DialTimeout { .. })),
+        "{:?}",
+        r.err()
+    );
+    assert!(took < Duration::from_secs(2), "open took {took:?}");
+    peer.join().unwrap();
+}

@@ -910,15 +910,51 @@ pub fn open(config: &Config) -> Result<RedisBackend, CacheError> {
 /// The blocking stream `open` verifies over, plain or TLS.
 enum VerifyStream {
     Plain(StdTcpStream),
-    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, StdTcpStream>>),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, Deadlined>>),
 }
 
 impl VerifyStream {
     fn tcp(&self) -> &StdTcpStream {
         match self {
             Self::Plain(t) => t,
-            Self::Tls(t) => &t.sock,
+            Self::Tls(t) => &t.sock.tcp,
         }
+    }
+}
+
+/// A TCP stream each of whose reads and writes waits at most until
+/// `deadline`. rustls reads in loops of its own (the handshake, a record
+/// arriving in pieces), which a timeout set once per round trip would not
+/// bound: a peer trickling a record could hold `open` for ever.
+struct Deadlined {
+    tcp: StdTcpStream,
+    deadline: Instant,
+}
+
+impl Deadlined {
+    fn left(&self) -> std::io::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        Ok(left)
+    }
+}
+
+impl Read for Deadlined {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.tcp.set_read_timeout(Some(self.left()?))?;
+        self.tcp.read(buf)
+    }
+}
+
+impl Write for Deadlined {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.tcp.set_write_timeout(Some(self.left()?))?;
+        self.tcp.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.tcp.flush()
     }
 }
 
@@ -1032,7 +1068,10 @@ fn verify(s: &Settings) -> Result<(ServerInfo, Option<SlotMap>), CacheError> {
                     detail: format!("TLS: {e}"),
                 }
             })?;
-            VerifyStream::Tls(Box::new(rustls::StreamOwned::new(conn, tcp)))
+            VerifyStream::Tls(Box::new(rustls::StreamOwned::new(
+                conn,
+                Deadlined { tcp, deadline },
+            )))
         }
     };
     let mut ask = |args: &[&[u8]]| -> Result<Reply, CacheError> {
