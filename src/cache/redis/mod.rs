@@ -870,10 +870,15 @@ pub fn open(config: &Config) -> Result<RedisBackend, CacheError> {
             detail: "resolves to no address".into(),
         })?;
     let tls = if config.redis_tls {
+        let host = host_of(&addr_text)
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let seed_name = host.parse::<std::net::IpAddr>().is_err().then_some(host);
         let c = tls::client_config(
             config.redis_tls_ca_file.as_deref(),
             config.redis_tls_cert_file.as_deref(),
             config.redis_tls_key_file.as_deref(),
+            seed_name,
         )
         .map_err(CacheError::Config)?;
         Some((c, config.redis_tls_server_name.clone()))
