@@ -236,3 +236,30 @@ fn a_user_refused_info_still_learns_version_and_mode() {
         Ok(_) => panic!("opened without knowing whether it is a cluster"),
     }
 }
+
+#[test]
+fn a_server_named_by_host_is_found_again_after_a_restart() {
+    require_redis();
+    let server = RedisServer::start();
+    // Every dial looks the name up again (a managed endpoint fails over by
+    // moving its name); here it keeps resolving to the same server.
+    let named = format!("localhost:{}", server.port());
+    let engine = support::engine(1, cache::open(&config(&named)).expect("opens by name"));
+    let set = |k: &str| {
+        let key = k.as_bytes().to_vec();
+        let op = Op::SetNx {
+            key: key.clone(),
+            val: b"v".to_vec(),
+            ttl: Duration::from_secs(10),
+        };
+        engine.op_blocking(&key, op)
+    };
+    assert_eq!(set("named:1").unwrap(), Reply::SetNx(true));
+    server.restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while set("named:2").is_err() {
+        assert!(std::time::Instant::now() < deadline, "never reconnected");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(server.cli(&["GET", "named:2"]).trim(), "v");
+}

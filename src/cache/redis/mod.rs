@@ -506,6 +506,29 @@ struct RedisConnector {
     name: String,
 }
 
+impl RedisConnector {
+    /// Where to dial now: a host name is looked up again on every dial (on
+    /// glommio's blocking-thread pool, so a slow resolver holds this dial,
+    /// not the shard), since a managed endpoint fails over by moving its
+    /// name to another address; the last address known if the lookup fails.
+    async fn resolve(&self) -> SocketAddr {
+        let host = host_of(&self.addr_text);
+        if host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok()
+        {
+            return self.addr;
+        }
+        let name = self.addr_text.clone();
+        glommio::executor()
+            .spawn_blocking(move || name.to_socket_addrs().ok().and_then(|mut a| a.next()))
+            .await
+            .unwrap_or(self.addr)
+    }
+}
+
 impl Connector for RedisConnector {
     type Stream = tls::RedisStream;
 
@@ -513,9 +536,10 @@ impl Connector for RedisConnector {
         let s = &self.settings;
         let deadline = s.dial_timeout;
         let work = async {
-            let tcp = TcpStream::connect_timeout(self.addr, deadline)
+            let addr = self.resolve().await;
+            let tcp = TcpStream::connect_timeout(addr, deadline)
                 .await
-                .map_err(|e| format!("dialing {}: {e}", self.addr_text))?;
+                .map_err(|e| format!("dialing {} ({addr}): {e}", self.addr_text))?;
             tcp.set_nodelay(true)
                 .map_err(|e| format!("TCP_NODELAY: {e}"))?;
             let mut stream = match &s.tls {
@@ -858,17 +882,7 @@ pub fn open(config: &Config) -> Result<RedisBackend, CacheError> {
         .clone()
         .filter(|a| !a.is_empty())
         .ok_or_else(|| CacheError::Config("redis needs an address".into()))?;
-    let addr = addr_text
-        .to_socket_addrs()
-        .map_err(|e| CacheError::Connect {
-            addr: addr_text.clone(),
-            detail: format!("cannot resolve: {e}"),
-        })?
-        .next()
-        .ok_or_else(|| CacheError::Connect {
-            addr: addr_text.clone(),
-            detail: "resolves to no address".into(),
-        })?;
+    let addr = resolve_within(&addr_text, config.dial_timeout)?;
     let tls = if config.redis_tls {
         let host = host_of(&addr_text)
             .trim_start_matches('[')
@@ -910,6 +924,41 @@ pub fn open(config: &Config) -> Result<RedisBackend, CacheError> {
     Ok(RedisBackend {
         inner: Arc::new(settings),
     })
+}
+
+/// `addr_text`'s first address, looked up within `timeout` (a resolver
+/// that does not answer must not hold `open` past the dial timeout; its
+/// thread ends when the resolver gives up).
+fn resolve_within(addr_text: &str, timeout: Duration) -> Result<SocketAddr, CacheError> {
+    if let Ok(a) = addr_text.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let name = addr_text.to_owned();
+    std::thread::Builder::new()
+        .name("txgate-resolve".into())
+        .spawn(move || {
+            let _ = tx.send(name.to_socket_addrs().map(|mut a| a.next()));
+        })
+        .map_err(|e| CacheError::Connect {
+            addr: addr_text.to_owned(),
+            detail: format!("no thread to resolve it: {e}"),
+        })?;
+    match rx.recv_timeout(timeout) {
+        Ok(Ok(Some(a))) => Ok(a),
+        Ok(Ok(None)) => Err(CacheError::Connect {
+            addr: addr_text.to_owned(),
+            detail: "resolves to no address".into(),
+        }),
+        Ok(Err(e)) => Err(CacheError::Connect {
+            addr: addr_text.to_owned(),
+            detail: format!("cannot resolve: {e}"),
+        }),
+        Err(_) => Err(CacheError::DialTimeout {
+            addr: addr_text.to_owned(),
+            after_ms: timeout.as_millis() as u64,
+        }),
+    }
 }
 
 /// The blocking stream `open` verifies over, plain or TLS.
