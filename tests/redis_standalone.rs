@@ -97,7 +97,13 @@ fn open_with_a_wrong_password_is_an_auth_error_and_the_right_one_works() {
     let wrong = cache::open(&cfg);
     assert!(matches!(wrong, Err(CacheError::Auth { .. })), "{wrong:?}");
     cfg.redis_password = Some("s3cret".into());
-    let engine = support::engine(1, cache::open(&cfg).expect("right password"));
+    let backend = cache::open(&cfg).expect("right password");
+    // Printable without the password: configs and backends show up in
+    // debug logs and test failures.
+    for printed in [format!("{cfg:?}"), format!("{backend:?}")] {
+        assert!(!printed.contains("s3cret"), "{printed}");
+    }
+    let engine = support::engine(1, backend);
     let key = b"auth:k".to_vec();
     let op = Op::SetNx {
         key: key.clone(),

@@ -268,7 +268,9 @@ impl CacheFlags {
             redis_username: non_empty(s("redis-username")),
             // An empty variable (`…_REDIS_PASSWORD=`) is no password, not
             // `AUTH ""`, which a server without one refuses.
-            redis_password: s("redis-password").filter(|p| !p.is_empty()),
+            redis_password: s("redis-password")
+                .filter(|p| !p.is_empty())
+                .map(super::Secret::from),
             redis_db: *m
                 .get_one::<u32>(&self.id("redis-db"))
                 .expect("has a default"),

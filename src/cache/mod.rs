@@ -95,6 +95,36 @@ impl FromStr for BackendKind {
     }
 }
 
+/// A password: its `Debug` shows no characters of it, so configs and
+/// backends can be printed (test failures, debug logs) without leaking it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The password itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Self(s)
+    }
+}
+
 /// Construction parameters for [`open`]: every field of the reference
 /// package. Only the fields of the chosen backend are read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,7 +137,7 @@ pub struct Config {
     pub redis_addr: Option<String>,
     /// ACL user for `AUTH user password`; `None` with a password: `AUTH password`.
     pub redis_username: Option<String>,
-    pub redis_password: Option<String>,
+    pub redis_password: Option<Secret>,
     /// Database for `SELECT` (standalone servers only).
     pub redis_db: u32,
     /// `CLIENT SETNAME` prefix; each shard's connection adds `-s{shard}`.

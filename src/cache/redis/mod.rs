@@ -81,7 +81,7 @@ struct Settings {
     addr: SocketAddr,
     addr_text: String,
     username: Option<String>,
-    password: Option<String>,
+    password: Option<super::Secret>,
     db: u32,
     client_name: String,
     dial_timeout: Duration,
@@ -597,9 +597,9 @@ fn handshake_commands(s: &Settings, name: Option<&str>) -> Vec<Vec<Vec<u8>>> {
         (Some(u), Some(p)) => cmds.push(vec![
             b"AUTH".to_vec(),
             u.clone().into_bytes(),
-            p.clone().into_bytes(),
+            p.expose().as_bytes().to_vec(),
         ]),
-        (None, Some(p)) => cmds.push(vec![b"AUTH".to_vec(), p.clone().into_bytes()]),
+        (None, Some(p)) => cmds.push(vec![b"AUTH".to_vec(), p.expose().as_bytes().to_vec()]),
         _ => {}
     }
     if s.db != 0 && !s.info.cluster {
