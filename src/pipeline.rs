@@ -42,7 +42,16 @@ pub trait Protocol: 'static {
 pub trait Connector: 'static {
     type Stream: AsyncRead + AsyncWrite + Unpin + 'static;
     fn connect(&self) -> impl Future<Output = Result<Self::Stream, String>>;
+    /// Who it dials, for the log lines of an outage.
+    fn peer(&self) -> String {
+        String::new()
+    }
 }
+
+/// While reconnects keep failing, a warning at most this often (the first
+/// failure always warns): an operator sees an outage that fails claims
+/// open without a line per attempt.
+const RECONNECT_WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// Bounds of one pipelined connection.
 #[derive(Debug, Clone)]
@@ -497,15 +506,23 @@ async fn drive<P: Protocol, C: Connector>(
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     let mut seed = since_epoch.as_nanos() as u64 ^ (Rc::as_ptr(&state) as u64);
+    let mut failed_dials = 0u64;
+    let mut warned_at: Option<Instant> = None;
     loop {
         if closed.get() {
             return;
         }
         if let Some(s) = stream.take() {
             backoff = config.reconnect_backoff_min;
+            if failed_dials > 0 {
+                tracing::warn!(peer = %connector.peer(), "reconnected after {failed_dials} failed dials");
+            }
+            failed_dials = 0;
             state.borrow_mut().up = true;
             let err = run::<P, C::Stream>(&state, s, &config).await;
-            tracing::debug!(error = %err, "pipelined connection lost");
+            if !closed.get() {
+                tracing::warn!(peer = %connector.peer(), error = %err, "connection lost; reconnecting");
+            }
             let mut st = state.borrow_mut();
             st.up = false;
             st.driver = None;
@@ -528,7 +545,17 @@ async fn drive<P: Protocol, C: Connector>(
                 state.borrow_mut().counters.connects += 1;
                 stream = Some(s);
             }
-            Err(e) => tracing::debug!(error = %e, "reconnect failed"),
+            Err(e) => {
+                failed_dials += 1;
+                if warned_at.is_none_or(|at| at.elapsed() >= RECONNECT_WARN_EVERY) {
+                    warned_at = Some(Instant::now());
+                    tracing::warn!(
+                        peer = %connector.peer(),
+                        error = %e,
+                        "reconnect failed ({failed_dials} in a row); calls fail until one succeeds"
+                    );
+                }
+            }
         }
     }
 }

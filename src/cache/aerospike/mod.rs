@@ -119,6 +119,10 @@ struct AeroConnector {
 
 impl Connector for AeroConnector {
     type Stream = TcpStream;
+
+    fn peer(&self) -> String {
+        format!("aerospike {}", self.addr)
+    }
     async fn connect(&self) -> Result<TcpStream, String> {
         let s = TcpStream::connect_timeout(self.addr, self.dial_timeout)
             .await

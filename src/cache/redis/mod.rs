@@ -532,6 +532,10 @@ impl RedisConnector {
 impl Connector for RedisConnector {
     type Stream = tls::RedisStream;
 
+    fn peer(&self) -> String {
+        format!("redis {}", self.addr_text)
+    }
+
     async fn connect(&self) -> Result<tls::RedisStream, String> {
         let s = &self.settings;
         let deadline = s.dial_timeout;
