@@ -908,9 +908,9 @@ pub fn render_metrics(
     out
 }
 
-/// How long `/readyz` waits for shard 0 to run its store probe (which has its
+/// How long `/readyz` waits for the shards to run their store probes (each has its
 /// own, shorter timeout): a shard that does not get to it in time is itself
-/// a reason not to be ready, and the admin thread must not wait forever.
+/// a reason not to be ready, and an admin request must not wait forever.
 const READINESS_WAIT: Duration = Duration::from_secs(2);
 
 /// Runs `fut` on this thread until it completes or `limit` passes.

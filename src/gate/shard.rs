@@ -515,7 +515,7 @@ impl GateShard {
             let mut m = mode.get();
             let (sent, err) = out.send(sock.as_raw_fd(), &mut m);
             if m != mode.get() {
-                tracing::info!("forward target {to} refused UDP GSO: one message per datagram");
+                tracing::warn!("forward target {to} refused UDP GSO: one message per datagram");
                 mode.set(m);
             }
             if let Some(e) = err {
