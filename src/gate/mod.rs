@@ -521,9 +521,15 @@ impl Gate {
 
     fn stop(&mut self) -> GateSummary {
         let began = Instant::now();
+        // The whole stop, wedged parts included, fits the drain's promise:
+        // one second past the op timeout (`drain_timeout` is the op timeout
+        // plus 200 ms), with room left to print the summary.
+        let end = began + self.drain_timeout + STOP_SLACK;
         if let Some((tx, h)) = self.upgrader.take() {
             drop(tx);
-            let _ = h.join();
+            // A store retry may be in a dial (up to the dial timeout): it
+            // finds the shards gone and ends by itself.
+            let _ = join_within(h, Duration::from_millis(100));
         }
         for s in &self.stops {
             let _ = s.try_send(());
@@ -531,8 +537,11 @@ impl Gate {
         let mut summary = GateSummary::default();
         if let Some(h) = self.serving.take() {
             // Bounded even if a shard wedges: the drain itself is bounded by
-            // the op timeout, so this only waits longer than that on a bug.
-            let limit = self.drain_timeout + Duration::from_secs(2);
+            // the op timeout (plus a 100 ms unwind), so this only waits
+            // longer than that on a bug.
+            let limit = end
+                .saturating_duration_since(Instant::now())
+                .saturating_sub(STOP_ENGINE);
             match join_within(h, limit) {
                 None => tracing::warn!(
                     "gate shards did not stop within {limit:?}; figures may be stale"
@@ -559,7 +568,9 @@ impl Gate {
             let stopping = std::thread::Builder::new()
                 .name("txgate-stop".into())
                 .spawn(move || engine.shutdown());
-            let limit = Duration::from_secs(3);
+            let limit = end
+                .saturating_duration_since(Instant::now())
+                .max(STOP_ENGINE);
             match stopping.map(|h| join_within(h, limit)) {
                 Ok(Some(Ok(Ok(())))) => {}
                 Ok(Some(Ok(Err(e)))) => tracing::warn!("engine shutdown: {e}"),
@@ -572,6 +583,14 @@ impl Gate {
         summary
     }
 }
+
+/// How far past `drain_timeout` a stop may run in all: the drain's 100 ms
+/// unwind, the shards' and the engine's ends; under the one second the
+/// drain promises past the op timeout (`drain_timeout` holds 200 ms of it).
+const STOP_SLACK: Duration = Duration::from_millis(700);
+
+/// What a stop keeps for the engine's shutdown after the shards end.
+const STOP_ENGINE: Duration = Duration::from_millis(150);
 
 /// Joins `h` if it finishes within `limit`; `None` leaves it running.
 fn join_within<T>(h: JoinHandle<T>, limit: Duration) -> Option<std::thread::Result<T>> {
