@@ -203,6 +203,7 @@ fn a_node_that_left_and_claims_everything_alone_is_not_believed() {
         panic!("an aerospike backend")
     };
     assert_ne!(a.node_ids().first(), Some(&server.node_id(2)));
+    let handle = a.clone();
     let e = support::engine(4, backend);
     assert_eq!(set_batch(&server, &e, "before", 60), 0);
     server.leave_last();
@@ -220,6 +221,14 @@ fn a_node_that_left_and_claims_everything_alone_is_not_believed() {
         gone,
         "nothing reaches the node that left"
     );
+    // Away from the cluster for some rounds: it has departed, and its slot
+    // is free for a later join.
+    support::wait_for(
+        "the departed node to be forgotten",
+        Duration::from_secs(20),
+        || !handle.node_ids().contains(&server.node_id(2)),
+    );
+    assert_eq!(handle.node_ids().len(), 2);
 }
 
 /// A node that comes back at a new address with the same node id (a pod
@@ -230,6 +239,10 @@ fn a_node_that_left_and_claims_everything_alone_is_not_believed() {
 fn a_node_that_moves_to_a_new_address_is_followed_there() {
     let mut server = AeroServer::start(3, "test");
     let backend = cache::open(&config(server.seeds())).expect("opens");
+    let Some(txgate::cache::Backend::Aerospike(ref a)) = backend else {
+        panic!("an aerospike backend")
+    };
+    let handle = a.clone();
     let e = support::engine(2, backend);
     assert_eq!(set_batch(&server, &e, "before", 60), 0);
     let served = server.requests_to(2);
@@ -248,6 +261,22 @@ fn a_node_that_moves_to_a_new_address_is_followed_there() {
         server.requests_to(2) > served,
         "the node serves at its new address"
     );
+    // Moving again and again (pods rescheduled) reuses the slot it left:
+    // the node table does not grow toward its bound.
+    for round in 0..3 {
+        let served = server.requests_to(2);
+        server.move_node(2);
+        std::thread::sleep(Duration::from_millis(300));
+        wait_unproxied(
+            &server,
+            &e,
+            "the moved node to be followed",
+            60,
+            Duration::from_secs(15),
+        );
+        assert!(server.requests_to(2) > served, "move {round}: served there");
+    }
+    assert_eq!(handle.node_slots(), 3, "{:?}", handle.node_ids());
 }
 
 /// A peer that every node lists but that never answers is tried once a

@@ -58,9 +58,10 @@ impl Protocol for AsMsg {
 struct Node {
     id: String,
     addr: SocketAddr,
-    /// Superseded: the same id was found at another address (the node
-    /// moved). Kept so indices stay stable; not asked, not routed to, and
-    /// shards close their connections to it.
+    /// Superseded (the same id was found at another address: the node
+    /// moved) or departed (no other node has listed it for
+    /// [`DEPART_ROUNDS`]): not asked, not routed to, shards close their
+    /// connections to it, and the next node to join takes its slot.
     gone: bool,
 }
 
@@ -74,8 +75,9 @@ struct Settings {
     inflight_max: usize,
     conns_per_node: usize,
     reply_gather: Duration,
-    /// Every node found, in discovery order (indices are stable: nodes are
-    /// only appended, by the tending thread).
+    /// Every node found, in discovery order, written by the tending thread
+    /// only. An index names one node until it is gone; a later join may
+    /// then take the slot, which shards see as a new address there.
     nodes: Mutex<Vec<Node>>,
     /// `nodes.len()`, for shards to notice a join without taking the lock.
     node_count: AtomicUsize,
@@ -90,6 +92,11 @@ struct Settings {
 /// How often the tending thread polls `partition-generation` and
 /// `peers-generation`.
 const TEND_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Tending rounds in a row a node must be away from a cluster whose other
+/// nodes answer before it counts as departed and its slot is freed: longer
+/// than a cluster takes to re-form, so a restart is not a departure.
+const DEPART_ROUNDS: u32 = 5;
 
 /// The process-wide Aerospike backend: nodes and the partition map.
 #[derive(Debug, Clone)]
@@ -144,6 +151,13 @@ impl AerospikeBackend {
             .collect()
     }
 
+    /// Entries of the node table, gone ones included: slots freed by nodes
+    /// that moved or left are taken by later joins, so this stays near the
+    /// cluster's size however often its nodes come and go.
+    pub fn node_slots(&self) -> usize {
+        nodes_of(&self.inner).len()
+    }
+
     /// Tending rounds completed since open: each asked every known node for
     /// its generations.
     pub fn tend_rounds(&self) -> u64 {
@@ -154,8 +168,19 @@ impl AerospikeBackend {
     pub async fn shard(&self, _shard: usize) -> Result<AerospikeShard, CacheError> {
         let s = &self.inner;
         let mut conns = Vec::new();
+        // Where each node's connections dial: a slot taken over by another
+        // node (see `tend`) shows as an address that changed.
+        let mut dialed = Vec::new();
         for node in nodes_of(s) {
-            conns.push(dial_node(s, &node).await?);
+            if node.gone {
+                // Kept for the indices: closed, so nothing routes there.
+                let per_node = dial_node_later(s, &node);
+                per_node.iter().for_each(|p| p.close());
+                conns.push(per_node);
+            } else {
+                conns.push(dial_node(s, &node).await?);
+            }
+            dialed.push(node.addr);
         }
         let conns = Rc::new(RefCell::new(conns));
         let every = (s.op_timeout / 10).clamp(Duration::from_millis(1), Duration::from_millis(10));
@@ -181,12 +206,19 @@ impl AerospikeBackend {
                 {
                     *local.borrow_mut() = current_owner(&s);
                     // Nodes are published before the map: close what goes
-                    // to nodes that moved (their calls fail; none is routed
-                    // there any more).
-                    let conns = conns.borrow();
-                    for (node, per_node) in nodes_of(&s).iter().zip(conns.iter()) {
+                    // to nodes gone (moved or departed: their calls fail;
+                    // none is routed there any more), and follow a slot
+                    // another node took over to its address.
+                    let mut conns = conns.borrow_mut();
+                    for (i, (node, per_node)) in
+                        nodes_of(&s).iter().zip(conns.iter_mut()).enumerate()
+                    {
                         if node.gone {
                             per_node.iter().for_each(|p| p.close());
+                        } else if dialed[i] != node.addr {
+                            per_node.iter().for_each(|p| p.close());
+                            *per_node = dial_node_later(&s, node);
+                            dialed[i] = node.addr;
                         }
                     }
                 }
@@ -197,6 +229,7 @@ impl AerospikeBackend {
                     let mut conns = conns.borrow_mut();
                     for node in joined.iter().skip(known) {
                         conns.push(dial_node_later(&s, node));
+                        dialed.push(node.addr);
                     }
                 }
             }
@@ -319,6 +352,11 @@ impl Seen {
 /// is dropped.
 fn tend(weak: Weak<Settings>, mut seen: Vec<Seen>) {
     let conns = RefCell::new(InfoConns::default());
+    // Per node: whether another node listed it as a peer when the map was
+    // last built, and rounds in a row it has been away since (see
+    // `DEPART_ROUNDS`).
+    let mut listed: Vec<bool> = Vec::new();
+    let mut away: Vec<u32> = Vec::new();
     loop {
         // Connections only to the nodes we know (joined ones included).
         if let Some(s) = weak.upgrade() {
@@ -353,6 +391,38 @@ fn tend(weak: Weak<Settings>, mut seen: Vec<Seen>) {
             })
             .collect();
         s.tend_rounds.fetch_add(1, Ordering::Relaxed);
+        // Departures: while others answer, a node no other node lists as a
+        // peer (a change of membership moves peers-generation, and the map
+        // is rebuilt) for DEPART_ROUNDS rounds in a row has left the
+        // cluster: its slot is freed for a later join. One the others still
+        // list stays however long this host cannot reach it, and none
+        // departs when nobody answers (this host may be the one cut off).
+        listed.resize(nodes.len(), true);
+        away.resize(nodes.len(), 0);
+        let answering = now.iter().filter(|g| g.partitions.is_some()).count();
+        let mut departed = false;
+        for i in 0..nodes.len() {
+            let alone = answering == 1 && now[i].partitions.is_some();
+            let here = listed[i] || alone;
+            away[i] = if here || nodes[i].gone {
+                0
+            } else {
+                away[i] + 1
+            };
+            let others = answering - usize::from(now[i].partitions.is_some());
+            let alive = nodes.iter().filter(|n| !n.gone).count();
+            if away[i] >= DEPART_ROUNDS && others > 0 && alive > 1 {
+                tracing::warn!(node = %nodes[i].id, addr = %nodes[i].addr, "an Aerospike node left the cluster");
+                // Left as is: should the map not publish this round, the
+                // next (which reads the nodes afresh) marks it again.
+                nodes[i].gone = true;
+                departed = true;
+            }
+        }
+        if departed {
+            // Published with the next map, or now if the map stands.
+            seen.clear();
+        }
         if now == seen {
             continue;
         }
@@ -372,27 +442,39 @@ fn tend(weak: Weak<Settings>, mut seen: Vec<Seen>) {
             let (joined, complete) = discover_joined(&nodes, &ask);
             discovered = complete;
             for joined in joined {
-                if nodes.len() >= codec::PEERS_MAX {
-                    tracing::warn!(
-                        node = %joined.id,
-                        addr = %joined.addr,
-                        "{} node addresses known since start, the most kept: not following \
-                         this one (restart to forget the old ones)",
-                        codec::PEERS_MAX
-                    );
-                    break;
-                }
                 for old in nodes.iter_mut().filter(|n| n.id == joined.id && !n.gone) {
                     tracing::info!(node = %old.id, from = %old.addr, to = %joined.addr, "an Aerospike node moved");
                     old.gone = true;
                 }
+                let generations = ask(&joined.addr, &["partition-generation", "peers-generation"])
+                    .map(|p| Seen::of(&p))
+                    .unwrap_or_default();
+                // A slot a gone node left, or a new one up to the bound:
+                // nodes that move or leave and come back elsewhere (pods
+                // rescheduled) never run the table out.
+                let slot = match nodes.iter().position(|n| n.gone) {
+                    Some(i) => i,
+                    None if nodes.len() < codec::PEERS_MAX => {
+                        nodes.push(joined.clone());
+                        now.push(Seen::default());
+                        listed.push(true);
+                        away.push(0);
+                        nodes.len() - 1
+                    }
+                    None => {
+                        tracing::warn!(
+                            node = %joined.id,
+                            addr = %joined.addr,
+                            "{} Aerospike nodes known and none gone: not following this one",
+                            codec::PEERS_MAX
+                        );
+                        break;
+                    }
+                };
                 tracing::info!(node = %joined.id, addr = %joined.addr, "an Aerospike node joined");
-                now.push(
-                    ask(&joined.addr, &["partition-generation", "peers-generation"])
-                        .map(|p| Seen::of(&p))
-                        .unwrap_or_default(),
-                );
-                nodes.push(joined);
+                nodes[slot] = joined;
+                now[slot] = generations;
+                (listed[slot], away[slot]) = (true, 0);
             }
         }
         // Each node's claims, and who it lists as its peers (one round trip).
@@ -412,6 +494,16 @@ fn tend(weak: Weak<Settings>, mut seen: Vec<Seen>) {
             })
             .collect();
         let members = members(&nodes, &read);
+        // Who lists whom, from a round that read every node that answered
+        // its poll (a list not read could have named anyone).
+        let lists_read = (0..nodes.len()).all(|j| read[j].is_some() || now[j].partitions.is_none());
+        if lists_read {
+            for (i, n) in nodes.iter().enumerate() {
+                listed[i] = read.iter().enumerate().any(|(j, r)| {
+                    j != i && r.as_ref().is_some_and(|(_, peers)| peers.contains(&n.id))
+                });
+            }
+        }
         // What could not be read this round must be read again next round,
         // even if no generation moves: forget what was seen of it.
         for (seen_now, r) in now.iter_mut().zip(&read) {
@@ -522,7 +614,10 @@ fn discover_joined(
     // Each new peer is tried once a round at the same addresses, however
     // many lists name it: one that does not answer costs a dial timeout.
     let mut tried: Vec<(String, Vec<SocketAddr>)> = Vec::new();
-    for n in known {
+    // Gone nodes neither list peers nor count as known: one that left and
+    // comes back is a join, even at its old address.
+    let known: Vec<&Node> = known.iter().filter(|n| !n.gone).collect();
+    for n in &known {
         let Some(pairs) = ask(&n.addr, &["peers-clear-std"]) else {
             complete = false;
             continue;
@@ -550,6 +645,7 @@ fn discover_joined(
             // a fixed node id), to be followed there.
             if known
                 .iter()
+                .copied()
                 .chain(&joined)
                 .any(|k| k.id == p.id && addrs.contains(&k.addr))
             {
@@ -1081,6 +1177,44 @@ mod tests {
         assert_eq!(ttl_of(Duration::from_millis(1)), Ttl::Seconds(1));
         assert_eq!(ttl_of(Duration::from_millis(1500)), Ttl::Seconds(2));
         assert_eq!(ttl_of(Duration::from_secs(60)), Ttl::Seconds(60));
+    }
+
+    #[test]
+    fn a_gone_node_that_comes_back_at_its_old_address_is_a_join() {
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "127.0.0.1:3000".parse().unwrap(),
+            "127.0.0.1:3001".parse().unwrap(),
+        );
+        let known = [
+            Node {
+                id: "A".into(),
+                addr: a,
+                gone: true,
+            },
+            Node {
+                id: "B".into(),
+                addr: b,
+                gone: false,
+            },
+        ];
+        // B lists A at its old address again; A answers there. A gone node
+        // is not asked for its peers.
+        let ask = |addr: &SocketAddr, cmds: &[&str]| -> Option<codec::InfoPairs> {
+            let reply = match (*addr == a, cmds) {
+                (false, ["peers-clear-std"]) => "1,3000,[[A,,[127.0.0.1:3000]]]",
+                (true, ["node"]) => "A",
+                (true, _) => panic!("a gone node was asked {cmds:?}"),
+                _ => return None,
+            };
+            Some(vec![(cmds[0].to_owned(), reply.to_owned())])
+        };
+        let (joined, complete) = discover_joined(&known, &ask);
+        assert!(complete);
+        assert_eq!(joined.len(), 1);
+        assert_eq!(
+            (joined[0].id.as_str(), joined[0].addr, joined[0].gone),
+            ("A", a, false)
+        );
     }
 
     #[test]
