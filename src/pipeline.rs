@@ -328,8 +328,19 @@ impl<P: Protocol> Pipeline<P> {
     }
 
     /// Sends one request, encoded by `encode` into the shared write buffer,
-    /// and waits for its reply or its deadline.
+    /// and waits for its reply or the op timeout.
     pub async fn call(&self, encode: impl FnOnce(&mut Vec<u8>)) -> Result<P::Reply, CallError> {
+        self.call_by(Instant::now() + self.config.op_timeout, encode)
+            .await
+    }
+
+    /// [`Pipeline::call`] with the deadline given: an op made of several
+    /// calls (a redirect followed, a retry) keeps one deadline for them all.
+    pub async fn call_by(
+        &self,
+        deadline: Instant,
+        encode: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<P::Reply, CallError> {
         let slot = {
             let mut st = self.state.borrow_mut();
             if st.closed {
@@ -353,10 +364,7 @@ impl<P: Protocol> Pipeline<P> {
                     (st.slots.len() - 1) as u32
                 }
             };
-            st.fifo.push_back(Entry {
-                slot,
-                deadline: Instant::now() + self.config.op_timeout,
-            });
+            st.fifo.push_back(Entry { slot, deadline });
             st.counters.calls += 1;
             if let Some(w) = &st.driver {
                 w.wake_by_ref();

@@ -288,3 +288,33 @@ fn a_blackholed_connection_is_replaced_not_left_to_overflow() {
     });
     assert_no_desync(&e, "after");
 }
+
+/// One op timeout in all, even where a `SET … NX … GET` retry is allowed
+/// (Redis ≥ 7.0): the retry used to get a timeout of its own, so a stalled
+/// server held every novel claim for twice the op timeout.
+#[test]
+fn a_set_nx_on_a_stalled_server_gives_up_at_one_op_timeout() {
+    require_redis();
+    let server = RedisServer::start();
+    let op_timeout = Duration::from_millis(300);
+    let e = engine_at(&server.addr(), op_timeout);
+    server.pause();
+    for i in 0..3 {
+        let key = format!("stalled:{i}").into_bytes();
+        let t0 = Instant::now();
+        let r = e.op_blocking(
+            &key,
+            Op::SetNx {
+                key: key.clone(),
+                val: b"v".to_vec(),
+                ttl: Duration::from_secs(10),
+            },
+        );
+        let took = t0.elapsed();
+        assert!(r.is_err(), "{r:?}");
+        // A second op timeout would make it 600 ms; the sweep's tick and a
+        // loaded host stay well under 150 ms.
+        assert!(took < op_timeout + Duration::from_millis(150), "{took:?}");
+    }
+    server.resume();
+}

@@ -312,7 +312,12 @@ impl Cluster {
     /// Sends a single-key command to its slot's master, following one
     /// `MOVED` (map patched, refresh requested) or one `ASK` (`ASKING` then
     /// the command, same connection, adjacent in its pipeline).
-    async fn exec(&self, key: &[u8], encode: impl Fn(&mut Vec<u8>)) -> Result<Reply, CallError> {
+    async fn exec(
+        &self,
+        deadline: Instant,
+        key: &[u8],
+        encode: impl Fn(&mut Vec<u8>),
+    ) -> Result<Reply, CallError> {
         let slot = hash_slot(key);
         let node = {
             let map = self.map.borrow();
@@ -322,7 +327,7 @@ impl Cluster {
             self.refresh_wanted.set(true);
             return Err(CallError::Disconnected);
         };
-        let reply = self.conn(&node).await?.call(&encode).await?;
+        let reply = self.conn(&node).await?.call_by(deadline, &encode).await?;
         let Reply::Error(err) = &reply else {
             return Ok(reply);
         };
@@ -332,13 +337,14 @@ impl Cluster {
                 self.count(|r| r.moved += 1);
                 self.map.borrow_mut().assign(slot, &addr);
                 self.refresh_wanted.set(true);
-                self.conn(&addr).await?.call(&encode).await
+                self.conn(&addr).await?.call_by(deadline, &encode).await
             }
             Some(Redirect::Ask { addr, .. }) => {
                 self.count(|r| r.ask += 1);
                 let p = self.conn(&addr).await?;
-                let asking = p.call(|b| encode_command(b, &[b"ASKING"]));
-                let (_, reply) = futures_lite::future::zip(asking, p.call(&encode)).await;
+                let asking = p.call_by(deadline, |b| encode_command(b, &[b"ASKING"]));
+                let (_, reply) =
+                    futures_lite::future::zip(asking, p.call_by(deadline, &encode)).await;
                 reply
             }
         }
@@ -738,6 +744,7 @@ fn nx_get_outcome(reply: Reply, ours: &[u8]) -> Result<bool, CacheError> {
 impl RedisShard {
     async fn set_cmd(
         &self,
+        deadline: Instant,
         key: &[u8],
         val: &[u8],
         ttl: Duration,
@@ -745,7 +752,7 @@ impl RedisShard {
         get: bool,
     ) -> Result<Reply, CallError> {
         let px = px(ttl);
-        self.exec(key, |b| {
+        self.exec(deadline, key, |b| {
             let mut args: [&[u8]; 7] = [b"SET", key, val, b"", b"", b"", b""];
             let mut n = 3;
             if nx {
@@ -766,24 +773,39 @@ impl RedisShard {
         .await
     }
 
-    /// Sends a single-key command where `key` lives.
-    async fn exec(&self, key: &[u8], encode: impl Fn(&mut Vec<u8>)) -> Result<Reply, CallError> {
+    /// Sends a single-key command where `key` lives, answered by
+    /// `deadline` (redirects followed included).
+    async fn exec(
+        &self,
+        deadline: Instant,
+        key: &[u8],
+        encode: impl Fn(&mut Vec<u8>),
+    ) -> Result<Reply, CallError> {
         match &self.mode {
-            Mode::Standalone(p) => p.call(encode).await,
-            Mode::Cluster(c) => c.exec(key, encode).await,
+            Mode::Standalone(p) => p.call_by(deadline, encode).await,
+            Mode::Cluster(c) => c.exec(deadline, key, encode).await,
         }
     }
 
+    /// When an op starting now must be answered.
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.settings.op_timeout
+    }
+
     /// `SET k v NX [PX ms]`; after an ambiguous failure, one `… NX … GET`
-    /// retry where the server supports it.
+    /// retry where the server supports it and time is left: the retry
+    /// shares the op's deadline, so no claim waits past the op timeout (one
+    /// that timed out has none left).
     pub async fn set_nx(&self, key: &[u8], val: &[u8], ttl: Duration) -> Result<bool, CacheError> {
         let timeout = self.settings.op_timeout;
-        let first = self.set_cmd(key, val, ttl, true, false).await;
+        let deadline = self.deadline();
+        let first = self.set_cmd(deadline, key, val, ttl, true, false).await;
         if let Err(e) = &first
             && e.is_ambiguous()
             && self.settings.info.nx_get
+            && Instant::now() < deadline
         {
-            let retry = self.set_cmd(key, val, ttl, true, true).await;
+            let retry = self.set_cmd(deadline, key, val, ttl, true, true).await;
             return match retry {
                 Ok(reply) => nx_get_outcome(reply, val),
                 Err(e) => Err(CacheError::from_call("set_nx", e, timeout)),
@@ -797,7 +819,10 @@ impl RedisShard {
 
     /// `SET k v [PX ms]`.
     pub async fn set(&self, key: &[u8], val: &[u8], ttl: Duration) -> Result<(), CacheError> {
-        match self.set_cmd(key, val, ttl, false, false).await {
+        match self
+            .set_cmd(self.deadline(), key, val, ttl, false, false)
+            .await
+        {
             Ok(Reply::Ok) => Ok(()),
             Ok(other) => Err(unexpected("set", other)),
             Err(e) => Err(CacheError::from_call("set", e, self.settings.op_timeout)),
@@ -806,7 +831,10 @@ impl RedisShard {
 
     /// `GET k`: `None` on a miss.
     pub async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, CacheError> {
-        match self.exec(key, |b| encode_command(b, &[b"GET", key])).await {
+        match self
+            .exec(self.deadline(), key, |b| encode_command(b, &[b"GET", key]))
+            .await
+        {
             Ok(Reply::Bulk(v)) => Ok(Some(v)),
             Ok(Reply::Nil) => Ok(None),
             Ok(other) => Err(unexpected("get", other)),
@@ -816,7 +844,10 @@ impl RedisShard {
 
     /// `DEL k`: 0 or 1 removed, both fine.
     pub async fn del(&self, key: &[u8]) -> Result<(), CacheError> {
-        match self.exec(key, |b| encode_command(b, &[b"DEL", key])).await {
+        match self
+            .exec(self.deadline(), key, |b| encode_command(b, &[b"DEL", key]))
+            .await
+        {
             Ok(Reply::Int(_)) => Ok(()),
             Ok(other) => Err(unexpected("del", other)),
             Err(e) => Err(CacheError::from_call("del", e, self.settings.op_timeout)),
