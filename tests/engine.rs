@@ -931,3 +931,36 @@ fn shutdown_returns_with_every_job_slot_taken_and_the_inbox_full() {
         .expect("shutdown returned");
     assert!(stopped.is_ok(), "{stopped:?}");
 }
+
+/// A shard whose thread dies of a panic leaves its tasks, the inbox's
+/// receiver among them, leaked rather than dropped: a later call must still
+/// get `ShardStopped`, not wait for ever.
+#[test]
+fn a_call_to_a_shard_whose_thread_panicked_fails_instead_of_hanging() {
+    let engine = Arc::new(support::engine(1, None));
+    // Panics on a later poll, from a timer: the thread unwinds out of the
+    // runtime with this job's task (and the shard's loop) still queued.
+    let e = engine.clone();
+    let first = std::thread::spawn(move || {
+        block_on(e.run_on(0, |_| async {
+            glommio::timer::sleep(Duration::from_millis(200)).await;
+            panic!("a shard job panics (on purpose, in a test)");
+        }))
+    });
+    assert!(matches!(
+        first.join().unwrap(),
+        Err(EngineError::ShardStopped(0))
+    ));
+    let (tx, rx) = mpsc::channel();
+    let e = engine.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(e.op_blocking(b"k", Op::Get { key: b"k".to_vec() }));
+    });
+    let later = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("a call to the dead shard returned");
+    assert!(
+        matches!(later, Err(EngineError::ShardStopped(0))),
+        "{later:?}"
+    );
+}

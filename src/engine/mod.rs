@@ -149,7 +149,23 @@ pub struct Shard {
     partitioned: Cell<bool>,
     txids: TxIdSet,
     frames: Option<FrameStore>,
-    peers: Vec<flume::Sender<Msg>>,
+    peers: Vec<Door>,
+}
+
+/// How work reaches a shard: its inbox, and a channel that disconnects when
+/// its thread ends. A thread that dies of a panic leaves its tasks (and the
+/// inbox's receiver with them) leaked, not dropped; without this a caller
+/// would wait on it for ever.
+#[derive(Clone)]
+struct Door {
+    inbox: flume::Sender<Msg>,
+    alive: flume::Receiver<()>,
+}
+
+thread_local! {
+    /// A shard thread's end of its [`Door::alive`]: thread-local storage is
+    /// dropped when the thread exits, a panic's unwinding included.
+    static ALIVE: RefCell<Option<flume::Sender<()>>> = const { RefCell::new(None) };
 }
 
 impl Shard {
@@ -262,7 +278,7 @@ fn check_len(txid: &[u8], want: usize) -> Result<(), EngineError> {
 
 /// Sends `f` to a shard's inbox and awaits its result; works from any thread
 /// and any executor.
-async fn submit<F, Fut, T>(inbox: &flume::Sender<Msg>, shard: usize, f: F) -> Result<T, EngineError>
+async fn submit<F, Fut, T>(door: &Door, shard: usize, f: F) -> Result<T, EngineError>
 where
     F: FnOnce(Rc<Shard>) -> Fut + Send + 'static,
     Fut: Future<Output = T> + 'static,
@@ -274,18 +290,37 @@ where
             let _ = tx.send(f(s).await);
         })
     });
-    inbox
-        .send_async(Msg::Job(job))
-        .await
-        .map_err(|_| EngineError::ShardStopped(shard))?;
-    rx.recv_async()
-        .await
-        .map_err(|_| EngineError::ShardStopped(shard))
+    send(door, shard, job).await?;
+    until_dead(door, shard, rx.recv_async()).await
+}
+
+/// Queues `job` on the shard behind `door` (waiting while its inbox is
+/// full), unless its thread has ended.
+async fn send(door: &Door, shard: usize, job: Job) -> Result<(), EngineError> {
+    until_dead(door, shard, door.inbox.send_async(Msg::Job(job))).await
+}
+
+/// `fut`, or `ShardStopped` once the shard's thread has ended (or when
+/// `fut` fails: a channel the shard dropped).
+async fn until_dead<T, E>(
+    door: &Door,
+    shard: usize,
+    fut: impl Future<Output = Result<T, E>>,
+) -> Result<T, EngineError> {
+    let dead = async {
+        let _ = door.alive.recv_async().await;
+        Err(EngineError::ShardStopped(shard))
+    };
+    futures_lite::future::or(
+        async { fut.await.map_err(|_| EngineError::ShardStopped(shard)) },
+        dead,
+    )
+    .await
 }
 
 /// A running set of shards. `Send + Sync`: share it by reference or `Arc`.
 pub struct Engine {
-    inboxes: Vec<flume::Sender<Msg>>,
+    doors: Vec<Door>,
     /// Dropped to stop the shards: a signal outside the inboxes, so a full
     /// inbox, or a shard whose job slots are all taken, cannot hold it up.
     stops: Vec<flume::Sender<()>>,
@@ -310,23 +345,34 @@ impl Engine {
         let (senders, receivers): (Vec<_>, Vec<_>) = (0..n)
             .map(|_| flume::bounded::<Msg>(config.inbox_capacity.max(1)))
             .unzip();
+        let (alive_txs, alive_rxs): (Vec<_>, Vec<_>) =
+            (0..n).map(|_| flume::bounded::<()>(0)).unzip();
+        let doors: Vec<Door> = senders
+            .iter()
+            .zip(&alive_rxs)
+            .map(|(inbox, alive)| Door {
+                inbox: inbox.clone(),
+                alive: alive.clone(),
+            })
+            .collect();
         let (stops, stop_rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| flume::bounded::<()>(1)).unzip();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(usize, Result<(), String>)>();
         let mut engine = Engine {
-            inboxes: senders.clone(),
+            doors: doors.clone(),
             stops,
             cores: cores.clone(),
             txid_len: config.txidset.txid_len,
             threads: Mutex::new(Vec::with_capacity(n)),
         };
-        for (index, ((core, inbox), stop)) in cores
+        for (index, (((core, inbox), stop), alive)) in cores
             .iter()
             .copied()
             .zip(receivers)
             .zip(stop_rxs)
+            .zip(alive_txs)
             .enumerate()
         {
-            let (peers, config, ready) = (senders.clone(), config.clone(), ready_tx.clone());
+            let (peers, config, ready) = (doors.clone(), config.clone(), ready_tx.clone());
             let mut builder = LocalExecutorBuilder::new(Placement::Fixed(core))
                 .name(&format!("txgate-shard-{index}"))
                 .io_memory(IO_MEMORY_BYTES);
@@ -334,6 +380,7 @@ impl Engine {
                 builder = builder.spin_before_park(config.spin_before_park);
             }
             let spawned = builder.spawn(move || async move {
+                ALIVE.with(|a| *a.borrow_mut() = Some(alive));
                 let wiring = Wiring {
                     peers,
                     inbox,
@@ -390,7 +437,7 @@ impl Engine {
 
     /// Shards in the engine.
     pub fn shards(&self) -> usize {
-        self.inboxes.len()
+        self.doors.len()
     }
 
     /// The CPU of each shard, by index.
@@ -411,11 +458,11 @@ impl Engine {
         Fut: Future<Output = T> + 'static,
         T: Send + 'static,
     {
-        let inbox = self
-            .inboxes
+        let door = self
+            .doors
             .get(shard)
             .ok_or(EngineError::ShardStopped(shard))?;
-        submit(inbox, shard, f).await
+        submit(door, shard, f).await
     }
 
     /// Runs `f` on every shard at once; results by shard index.
@@ -426,7 +473,7 @@ impl Engine {
         T: Send + 'static,
     {
         let mut replies = Vec::with_capacity(self.shards());
-        for (i, inbox) in self.inboxes.iter().enumerate() {
+        for (i, door) in self.doors.iter().enumerate() {
             let (tx, rx) = flume::bounded(1);
             let f = f.clone();
             let job: Job = Box::new(move |s| {
@@ -434,19 +481,12 @@ impl Engine {
                     let _ = tx.send(f(s).await);
                 })
             });
-            inbox
-                .send_async(Msg::Job(job))
-                .await
-                .map_err(|_| EngineError::ShardStopped(i))?;
+            send(door, i, job).await?;
             replies.push(rx);
         }
         let mut out = Vec::with_capacity(replies.len());
         for (i, rx) in replies.into_iter().enumerate() {
-            out.push(
-                rx.recv_async()
-                    .await
-                    .map_err(|_| EngineError::ShardStopped(i))?,
-            );
+            out.push(until_dead(&self.doors[i], i, rx.recv_async()).await?);
         }
         Ok(out)
     }
@@ -517,8 +557,8 @@ impl Drop for Engine {
 
 /// What a shard's thread is given to talk to the rest of the engine.
 struct Wiring {
-    /// Every shard's inbox, this one's included.
-    peers: Vec<flume::Sender<Msg>>,
+    /// Every shard's door, this one's included.
+    peers: Vec<Door>,
     inbox: flume::Receiver<Msg>,
     /// Disconnects when the engine stops.
     stop: flume::Receiver<()>,

@@ -224,8 +224,8 @@ pub(super) async fn serve(shard: Rc<Shard>, io: ShardIo, plan: Arc<ShardPlan>) -
     while g.inflight.get() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(1)).await;
     }
-    // A claim can outlast one op timeout (Redis retries an ambiguous
-    // failure once): forward what is still waiting rather than drop it.
+    // A claim still waiting here (a store call that outlived its own
+    // deadline, a bug) is forwarded rather than dropped.
     g.give_up.close();
     let unwind = Instant::now() + Duration::from_millis(100);
     while g.inflight.get() > 0 && Instant::now() < unwind {
