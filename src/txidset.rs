@@ -309,6 +309,12 @@ impl TxIdSet {
         // Novel here: tier-1 will take it whatever the backend says.
         self.tier1.borrow().prefetch_insert(txid);
         let Some(backend) = self.backend.borrow().clone() else {
+            // A claim begun on a backend since dropped may still be in
+            // flight: single-flight holds across the change.
+            if self.pending.borrow().contains(txid) {
+                self.count(|c| c.pending += 1);
+                return Claim::Done(Verdict::Suppress(Suppress::Pending));
+            }
             self.tier1
                 .borrow_mut()
                 .insert(txid, clock::coarse_ms() as u32);
@@ -485,6 +491,15 @@ impl Pending {
         &self.keys[at..at + self.txid_len]
     }
 
+    /// Whether a claim of `txid` is in flight.
+    fn contains(&self, txid: &[u8]) -> bool {
+        !self.index.is_empty()
+            && self
+                .index
+                .find(self.hasher.hash_one(txid), |&s| self.key(s) == txid)
+                .is_some()
+    }
+
     fn insert(&mut self, txid: &[u8]) -> PendingInsert {
         let h = self.hasher.hash_one(txid);
         let Self {
@@ -628,6 +643,29 @@ mod tests {
         let first = s.claim_seq.get() - 1;
         assert_eq!(v1, format!("test:0:{first}").as_bytes());
         assert_eq!(v2, format!("test:0:{}", first + 1).as_bytes());
+    }
+
+    #[test]
+    fn single_flight_holds_when_the_backend_is_dropped_mid_claim() {
+        let shard = Rc::new(ShardBackend::Memory(MemoryBackend::new(0).shard(0, 1)));
+        let s = set(None);
+        s.set_backend(Some(shard));
+        let id = [4u8; 16];
+        let Claim::Novel(first) = s.begin(&id) else {
+            panic!("a novel claim")
+        };
+        // Down to tier-1 only while the first claim is in flight: a second
+        // copy must not be forwarded too.
+        s.set_backend(None);
+        assert!(matches!(
+            s.begin(&id),
+            Claim::Done(Verdict::Suppress(Suppress::Pending))
+        ));
+        drop(first);
+        assert!(matches!(
+            s.begin(&id),
+            Claim::Done(Verdict::Forward(Forward::Won))
+        ));
     }
 
     #[test]
