@@ -36,11 +36,6 @@ use resp::{Reply, decode_reply, encode_command};
 /// Shortest gap between two slot-map refreshes of one shard.
 const REFRESH_GAP: Duration = Duration::from_millis(100);
 
-/// After a failed dial of a cluster node, how long calls for it fail fast
-/// instead of dialing again (one dial per claim against a dead host would
-/// make each claim wait the dial timeout).
-const REDIAL_GAP: Duration = Duration::from_millis(250);
-
 /// How often a shard re-reads the slot map while a master's connection is
 /// down: a failover promotes a replica only after the cluster's node
 /// timeout, and nothing else would tell this shard (the dead master sends no
@@ -134,7 +129,14 @@ impl RedisBackend {
             (s.op_timeout / 10).clamp(Duration::from_millis(1), Duration::from_millis(10));
         match &s.slots {
             None => {
-                let pipeline = Rc::new(dial(s, s.addr, &s.addr_text, shard).await?);
+                let (connector, config) = connector(s, &s.addr_text, Some(s.addr), shard);
+                let pipeline =
+                    Rc::new(Pipeline::<Resp>::connect(connector, config).await.map_err(
+                        |detail| CacheError::Connect {
+                            addr: s.addr_text.clone(),
+                            detail,
+                        },
+                    )?);
                 let swept = Rc::downgrade(&pipeline);
                 let sweeper = glommio::spawn_local(async move {
                     loop {
@@ -155,8 +157,6 @@ impl RedisBackend {
                     shard,
                     map: RefCell::new(map.clone()),
                     conns: RefCell::new(HashMap::new()),
-                    dialing: RefCell::new(Vec::new()),
-                    dial_failed: RefCell::new(HashMap::new()),
                     refresh_wanted: Cell::new(false),
                     refreshing: Cell::new(false),
                     refreshed_at: Cell::new(Instant::now()),
@@ -181,31 +181,28 @@ impl RedisBackend {
     }
 }
 
-async fn dial(
+/// A connector to `addr_text` (an address, or a host name looked up on
+/// every dial) for shard `shard`, and its pipeline's bounds; `known`: the
+/// address it resolved to already, used should a lookup fail.
+fn connector(
     s: &Arc<Settings>,
-    addr: SocketAddr,
     addr_text: &str,
+    known: Option<SocketAddr>,
     shard: usize,
-) -> Result<Pipeline<Resp>, CacheError> {
-    let connector = RedisConnector {
-        settings: s.clone(),
-        addr,
-        addr_text: addr_text.to_owned(),
-        name: format!("{}-s{shard}", s.client_name),
-    };
-    Pipeline::<Resp>::connect(
-        connector,
+) -> (RedisConnector, PipelineConfig) {
+    (
+        RedisConnector {
+            settings: s.clone(),
+            addr_text: addr_text.to_owned(),
+            known: Cell::new(known.or_else(|| addr_text.parse().ok())),
+            name: format!("{}-s{shard}", s.client_name),
+        },
         PipelineConfig {
             inflight_max: s.inflight_max,
             op_timeout: s.op_timeout,
             ..PipelineConfig::default()
         },
     )
-    .await
-    .map_err(|detail| CacheError::Connect {
-        addr: addr_text.to_owned(),
-        detail,
-    })
 }
 
 /// One shard's view of a Redis Cluster: its own slot map (refreshed on
@@ -216,10 +213,6 @@ struct Cluster {
     shard: usize,
     map: RefCell<SlotMap>,
     conns: RefCell<HashMap<NodeAddr, Rc<Pipeline<Resp>>>>,
-    /// Nodes being dialed: a second caller fails fast instead of dialing twice.
-    dialing: RefCell<Vec<NodeAddr>>,
-    /// When each node's last dial failed (see [`REDIAL_GAP`]).
-    dial_failed: RefCell<HashMap<NodeAddr, Instant>>,
     refresh_wanted: Cell<bool>,
     /// A refresh task is running: at most one at a time.
     refreshing: Cell<bool>,
@@ -244,69 +237,32 @@ pub struct Redirects {
 }
 
 impl Cluster {
+    /// Dials `node` and waits for the connection (a shard's start).
     async fn dial_node(&self, node: &NodeAddr) -> Result<Rc<Pipeline<Resp>>, CacheError> {
-        let text = node.socket_addr_string();
-        // Nodes announce IPs unless told to announce hostnames; a hostname
-        // is resolved on glommio's blocking-thread pool, so a slow resolver
-        // holds this call, not the shard's thread.
-        let addr = match text.parse::<SocketAddr>() {
-            Ok(a) => a,
-            Err(_) => {
-                let name = text.clone();
-                glommio::executor()
-                    .spawn_blocking(move || name.to_socket_addrs().ok().and_then(|mut a| a.next()))
-                    .await
-                    .ok_or_else(|| CacheError::Connect {
-                        addr: text.clone(),
-                        detail: "cannot resolve cluster node".into(),
-                    })?
-            }
-        };
-        Ok(Rc::new(
-            dial(&self.settings, addr, &text, self.shard).await?,
-        ))
+        let (connector, config) =
+            connector(&self.settings, &node.socket_addr_string(), None, self.shard);
+        Pipeline::<Resp>::connect(connector, config)
+            .await
+            .map(Rc::new)
+            .map_err(|detail| CacheError::Connect {
+                addr: node.socket_addr_string(),
+                detail,
+            })
     }
 
-    /// The connection to `node`, dialing it if the map named a new one.
-    async fn conn(&self, node: &NodeAddr) -> Result<Rc<Pipeline<Resp>>, CallError> {
+    /// The connection to `node`. A node new to this shard gets one that
+    /// dials in the background (a dial may take the dial timeout, a host
+    /// name longer to resolve): calls to it fail fast until it is up, as
+    /// calls to any connection that is down do, so no claim waits on a dial.
+    fn conn(&self, node: &NodeAddr) -> Rc<Pipeline<Resp>> {
         if let Some(p) = self.conns.borrow().get(node) {
-            return Ok(p.clone());
+            return p.clone();
         }
-        if self.dialing.borrow().contains(node)
-            || self
-                .dial_failed
-                .borrow()
-                .get(node)
-                .is_some_and(|at| at.elapsed() < REDIAL_GAP)
-        {
-            return Err(CallError::Disconnected);
-        }
-        self.dialing.borrow_mut().push(node.clone());
-        // Unlists the node however the dial ends, a dropped caller included:
-        // a node left listed would fail every later call to it.
-        let _dialing = Dialing {
-            cluster: self,
-            node,
-        };
-        // Boxed: the dial (TLS handshake included) is a cold path whose
-        // future is kilobytes; inline, every hot-path call would carry and
-        // copy it.
-        let dialed = Box::pin(self.dial_node(node)).await;
-        match dialed {
-            Ok(p) => {
-                self.dial_failed.borrow_mut().remove(node);
-                self.conns.borrow_mut().insert(node.clone(), p.clone());
-                Ok(p)
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "dialing a cluster node failed");
-                let mut failed = self.dial_failed.borrow_mut();
-                // Bounded by the nodes maps have named; forget the stale.
-                failed.retain(|_, at| at.elapsed() < REDIAL_GAP);
-                failed.insert(node.clone(), Instant::now());
-                Err(CallError::Disconnected)
-            }
-        }
+        let (connector, config) =
+            connector(&self.settings, &node.socket_addr_string(), None, self.shard);
+        let p = Rc::new(Pipeline::<Resp>::connect_later(connector, config));
+        self.conns.borrow_mut().insert(node.clone(), p.clone());
+        p
     }
 
     /// Sends a single-key command to its slot's master, following one
@@ -327,7 +283,7 @@ impl Cluster {
             self.refresh_wanted.set(true);
             return Err(CallError::Disconnected);
         };
-        let reply = self.conn(&node).await?.call_by(deadline, &encode).await?;
+        let reply = self.conn(&node).call_by(deadline, &encode).await?;
         let Reply::Error(err) = &reply else {
             return Ok(reply);
         };
@@ -337,11 +293,11 @@ impl Cluster {
                 self.count(|r| r.moved += 1);
                 self.map.borrow_mut().assign(slot, &addr);
                 self.refresh_wanted.set(true);
-                self.conn(&addr).await?.call_by(deadline, &encode).await
+                self.conn(&addr).call_by(deadline, &encode).await
             }
             Some(Redirect::Ask { addr, .. }) => {
                 self.count(|r| r.ask += 1);
-                let p = self.conn(&addr).await?;
+                let p = self.conn(&addr);
                 let asking = p.call_by(deadline, |b| encode_command(b, &[b"ASKING"]));
                 let (_, reply) =
                     futures_lite::future::zip(asking, p.call_by(deadline, &encode)).await;
@@ -463,6 +419,12 @@ impl Cluster {
             }
             kept
         });
+        drop(retired);
+        // Masters new to this shard start dialing now, before claims need
+        // them (a promoted replica, a node added by resharding).
+        for node in &keep {
+            self.conn(node);
+        }
     }
 }
 
@@ -493,22 +455,11 @@ async fn cluster_upkeep(weak: Weak<Cluster>, every: Duration) {
     }
 }
 
-/// Unlists a node from [`Cluster::dialing`] when its dial ends.
-struct Dialing<'a> {
-    cluster: &'a Cluster,
-    node: &'a NodeAddr,
-}
-
-impl Drop for Dialing<'_> {
-    fn drop(&mut self) {
-        self.cluster.dialing.borrow_mut().retain(|n| n != self.node);
-    }
-}
-
 struct RedisConnector {
     settings: Arc<Settings>,
-    addr: SocketAddr,
     addr_text: String,
+    /// The address the last lookup found (or the one given).
+    known: Cell<Option<SocketAddr>>,
     name: String,
 }
 
@@ -517,21 +468,20 @@ impl RedisConnector {
     /// glommio's blocking-thread pool, so a slow resolver holds this dial,
     /// not the shard), since a managed endpoint fails over by moving its
     /// name to another address; the last address known if the lookup fails.
-    async fn resolve(&self) -> SocketAddr {
-        let host = host_of(&self.addr_text);
-        if host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .is_ok()
-        {
-            return self.addr;
+    async fn resolve(&self) -> Result<SocketAddr, String> {
+        if let Ok(a) = self.addr_text.parse::<SocketAddr>() {
+            return Ok(a);
         }
         let name = self.addr_text.clone();
-        glommio::executor()
+        let found = glommio::executor()
             .spawn_blocking(move || name.to_socket_addrs().ok().and_then(|mut a| a.next()))
-            .await
-            .unwrap_or(self.addr)
+            .await;
+        if found.is_some() {
+            self.known.set(found);
+        }
+        self.known
+            .get()
+            .ok_or_else(|| format!("cannot resolve {}", self.addr_text))
     }
 }
 
@@ -546,7 +496,7 @@ impl Connector for RedisConnector {
         let s = &self.settings;
         let deadline = s.dial_timeout;
         let work = async {
-            let addr = self.resolve().await;
+            let addr = self.resolve().await?;
             let tcp = TcpStream::connect_timeout(addr, deadline)
                 .await
                 .map_err(|e| format!("dialing {} ({addr}): {e}", self.addr_text))?;
@@ -856,7 +806,16 @@ impl RedisShard {
 
     /// `PING` to every connection within the dial timeout; cold path.
     pub async fn healthy(&self) -> bool {
-        for p in self.pipelines() {
+        // A cluster is healthy when every master its map names answers:
+        // one that cannot be reached fails its slots' claims open.
+        let probed = match &self.mode {
+            Mode::Standalone(p) => vec![p.clone()],
+            Mode::Cluster(c) => {
+                let masters: Vec<NodeAddr> = c.map.borrow().nodes().to_vec();
+                masters.iter().map(|n| c.conn(n)).collect()
+            }
+        };
+        for p in probed {
             let ping = p.call(|b| encode_command(b, &[b"PING"]));
             let bounded =
                 glommio::timer::timeout(self.settings.dial_timeout, async { Ok(ping.await) });
