@@ -8,6 +8,7 @@ pub mod engine;
 pub mod framestore;
 pub mod gate;
 pub mod hugepages;
+pub mod identity;
 pub mod metrics;
 pub mod pipeline;
 pub mod route;

@@ -23,8 +23,7 @@ use crate::tier1::{Tier1, Tier1Error};
 
 /// Longest key prefix; keys are built on the stack.
 pub const KEY_PREFIX_MAX: usize = 64;
-/// Longest instance id; values are built on the stack.
-pub const INSTANCE_ID_MAX: usize = 40;
+pub use crate::identity::{INSTANCE_ID_MAX, default_instance_id};
 const KEY_MAX: usize = KEY_PREFIX_MAX + crate::route::TXID_LEN_MAX;
 const VALUE_MAX: usize = INSTANCE_ID_MAX + 2 * 21;
 
@@ -69,27 +68,6 @@ fn first_claim_seq() -> u64 {
         .build_hasher()
         .finish();
     (high >> 32) << 32
-}
-
-/// `hostname-pid`, trimmed to [`INSTANCE_ID_MAX`].
-pub fn default_instance_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "txgate".into());
-    trim_front(format!("{host}-{}", std::process::id()), INSTANCE_ID_MAX)
-}
-
-/// The last `max` bytes of `id` or fewer, cut at a character boundary (a
-/// hostname may hold multibyte characters).
-fn trim_front(mut id: String, max: usize) -> String {
-    if id.len() > max {
-        let mut cut = id.len() - max;
-        while !id.is_char_boundary(cut) {
-            cut += 1;
-        }
-        id.drain(..cut);
-    }
-    id
 }
 
 /// Why a TxID set could not be built.
@@ -607,15 +585,6 @@ mod tests {
         assert!(run(shard.set_nx(&key, b"rival", Duration::ZERO)).unwrap());
         assert_eq!(run(a.claim(&id)), Verdict::Suppress(Suppress::Lost));
         assert_eq!(run(a.claim(&id)), Verdict::Suppress(Suppress::Seen));
-    }
-
-    #[test]
-    fn long_instance_ids_are_trimmed_at_a_character_boundary() {
-        assert_eq!(trim_front("abc-1".into(), 40), "abc-1");
-        assert_eq!(trim_front("abcdef-1".into(), 4), "ef-1");
-        // "é" is two bytes: a cut inside it moves past it.
-        assert_eq!(trim_front("aé-12".into(), 4), "-12");
-        assert_eq!(trim_front("aé-12".into(), 5), "é-12");
     }
 
     #[test]

@@ -187,7 +187,7 @@ impl Default for Config {
             redis_username: None,
             redis_password: None,
             redis_db: 0,
-            redis_client_name: redis::client_name_for(&crate::txidset::default_instance_id()),
+            redis_client_name: redis::client_name_for(&crate::identity::default_instance_id()),
             redis_inflight_max: REDIS_INFLIGHT_MAX_DEFAULT,
             redis_tls: false,
             redis_tls_ca_file: None,
