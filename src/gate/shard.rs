@@ -464,13 +464,9 @@ impl GateShard {
             }
             Err(c) => c,
         };
-        let shard = self.shard.clone();
-        let mut wait: Pin<Box<dyn Future<Output = Verdict>>> =
-            Box::pin(async move { shard.txids().finish(novel).await });
-        if let Some(v) = futures_lite::future::poll_once(wait.as_mut()).await {
-            self.verdict(v, pkt, out);
-            return true;
-        }
+        // The store call runs in the task itself (one allocation, the
+        // task's; no boxed future besides): it queues its request when the
+        // task first runs, before this batch's writes go out.
         let (g, copy) = (self.clone(), Box::<[u8]>::from(pkt));
         self.inflight.set(self.inflight.get() + 1);
         glommio::spawn_local(async move {
@@ -478,7 +474,9 @@ impl GateShard {
                 let _ = g.give_up.acquire(1).await;
                 None
             };
-            let v = async { Some(wait.await) }.or(give_up).await;
+            let v = async { Some(g.shard.txids().finish(novel).await) }
+                .or(give_up)
+                .await;
             let mut one = SendBatch::with_capacity(1);
             match v {
                 Some(v) => g.verdict(v, &copy, &mut one),
