@@ -328,6 +328,50 @@ fn fail_open_boot_serves_tier1_then_switches_to_redis_when_it_starts() {
     assert!(matches!(keys, support::redis::Resp::Int(200)), "{keys:?}");
 }
 
+/// Names of this process's threads that are shard executors.
+fn shard_threads() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|c| c.trim().to_owned())
+        .filter(|c| c.starts_with("txgate-shard"))
+        .collect()
+}
+
+#[test]
+fn a_stop_during_a_store_retry_still_stops_the_shards() {
+    // A "store" that hangs up on the first connection (start-up fails
+    // fast, and the gate boots degraded), then accepts and never answers:
+    // each retry sits in its dial for the whole dial timeout, holding the
+    // engine.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for (i, c) in silent.incoming().take(64).enumerate() {
+            if i > 0 {
+                held.push(c);
+            }
+        }
+    });
+    let sink = Sink::start();
+    let mut c = config(2, &sink);
+    c.store = redis_store(&addr);
+    c.store.dial_timeout = Duration::from_secs(10);
+    c.fail_open_boot = true;
+    c.backend_retry = Duration::from_millis(50);
+    let gate = Gate::start(c).unwrap();
+    assert!(!shard_threads().is_empty());
+    // Let a retry begin its dial.
+    std::thread::sleep(Duration::from_millis(300));
+    gate.shutdown();
+    // Well before the retry's dial ends (which used to be what let the
+    // engine go, its last holder).
+    wait_for("the shard threads to end", Duration::from_secs(3), || {
+        shard_threads().is_empty()
+    });
+}
+
 #[test]
 fn readiness_names_a_shard_that_cannot_reach_the_store() {
     let redis = RedisServer::start();

@@ -343,7 +343,12 @@ fn admin_endpoints_answer_and_sigterm_exits_0_with_a_summary() {
         assert!(text.contains(family), "metrics lack {family}:\n{text}");
     }
 
+    // An admin connection open at SIGTERM (a scrape, a silent probe)
+    // holds the gate in its thread: the drain must run regardless.
+    let held = TcpStream::connect(admin).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
     let (code, out, _) = serve.terminate();
+    drop(held);
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(summary_field(&out, "received"), 1001);
     assert_eq!(summary_field(&out, "forwarded"), 500);

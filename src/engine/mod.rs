@@ -323,7 +323,7 @@ pub struct Engine {
     doors: Vec<Door>,
     /// Dropped to stop the shards: a signal outside the inboxes, so a full
     /// inbox, or a shard whose job slots are all taken, cannot hold it up.
-    stops: Vec<flume::Sender<()>>,
+    stops: Mutex<Vec<flume::Sender<()>>>,
     cores: Vec<usize>,
     txid_len: usize,
     threads: Mutex<Vec<ExecutorJoinHandle<()>>>,
@@ -359,7 +359,7 @@ impl Engine {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(usize, Result<(), String>)>();
         let mut engine = Engine {
             doors: doors.clone(),
-            stops,
+            stops: Mutex::new(stops),
             cores: cores.clone(),
             txid_len: config.txidset.txid_len,
             threads: Mutex::new(Vec::with_capacity(n)),
@@ -520,7 +520,14 @@ impl Engine {
     }
 
     /// Stops every shard (in-flight jobs get a bounded grace) and joins them.
-    pub fn shutdown(mut self) -> Result<(), EngineError> {
+    pub fn shutdown(self) -> Result<(), EngineError> {
+        self.close()
+    }
+
+    /// [`Engine::shutdown`] through a shared reference: the shards stop and
+    /// their threads are joined; later calls get `ShardStopped`. For an
+    /// engine others may still hold (a readiness probe, a store retry).
+    pub fn close(&self) -> Result<(), EngineError> {
         match self.stop().into_iter().next() {
             None => Ok(()),
             Some((shard, reason)) => Err(EngineError::Start {
@@ -532,13 +539,9 @@ impl Engine {
     }
 
     /// Stops and joins; returns the errors shard threads ended with.
-    fn stop(&mut self) -> Vec<(usize, String)> {
-        self.stops.clear();
-        let threads = std::mem::take(
-            self.threads
-                .get_mut()
-                .expect("no poisoning: never locked across a panic"),
-        );
+    fn stop(&self) -> Vec<(usize, String)> {
+        self.stops.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
         let mut errors = Vec::new();
         for (i, h) in threads.into_iter().enumerate() {
             if let Err(e) = h.join() {

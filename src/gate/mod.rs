@@ -237,19 +237,28 @@ struct ShardEnd {
     abandoned: u64,
 }
 
-/// A running gate. Stop it with [`Gate::shutdown`].
+/// The thread that runs the shards' loops, ending with their figures.
+type Serving = JoinHandle<Result<Vec<ShardEnd>, EngineError>>;
+
+/// A running gate. Stop it with [`Gate::shutdown`] (or [`Gate::stop`] when
+/// shared).
 pub struct Gate {
-    /// `None` once stopped.
-    engine: Option<Arc<Engine>>,
+    /// `None` once stopped. The parts a stop takes sit behind locks, so a
+    /// gate shared with admin threads (an `Arc`) can be stopped from a
+    /// shared reference: an admin request in flight at SIGTERM must not
+    /// keep the drain from running.
+    engine: Mutex<Option<Arc<Engine>>>,
     local_addr: SocketAddr,
     steering_active: bool,
     store_kind: BackendKind,
     stats: Vec<Arc<Mutex<ShardSnapshot>>>,
     stops: Vec<flume::Sender<()>>,
-    serving: Option<JoinHandle<Result<Vec<ShardEnd>, EngineError>>>,
+    serving: Mutex<Option<Serving>>,
     /// False while a fail-open boot waits for the store.
     connected: Arc<AtomicBool>,
-    upgrader: Option<(flume::Sender<()>, JoinHandle<()>)>,
+    upgrader: Mutex<Option<(flume::Sender<()>, JoinHandle<()>)>>,
+    /// What the first stop returned; later stops return it again.
+    stopped: Mutex<Option<GateSummary>>,
     /// How long a stopping shard waits for claims in flight.
     drain_timeout: Duration,
     started: Instant,
@@ -408,15 +417,16 @@ impl Gate {
         });
 
         Ok(Gate {
-            engine: Some(engine),
+            engine: Mutex::new(Some(engine)),
             local_addr,
             steering_active,
             store_kind,
             stats,
             stops,
-            serving: Some(serving),
+            serving: Mutex::new(Some(serving)),
             connected,
-            upgrader,
+            upgrader: Mutex::new(upgrader),
+            stopped: Mutex::new(None),
             drain_timeout,
             started: Instant::now(),
         })
@@ -463,7 +473,8 @@ impl Gate {
                 ),
             );
         }
-        let Some(engine) = &self.engine else {
+        let engine = lock(&self.engine).clone();
+        let Some(engine) = engine else {
             return (false, "stopped".into());
         };
         // Every shard has connections of its own: one that cannot reach the
@@ -515,17 +526,29 @@ impl Gate {
 
     /// Stops receiving, lets in-flight claims finish (bounded by the op
     /// timeout), then stops the shards. Returns the totals.
-    pub fn shutdown(mut self) -> GateSummary {
+    pub fn shutdown(self) -> GateSummary {
         self.stop()
     }
 
-    fn stop(&mut self) -> GateSummary {
+    /// [`Gate::shutdown`] through a shared reference; a second call returns
+    /// the first one's totals.
+    pub fn stop(&self) -> GateSummary {
+        let mut stopped = lock(&self.stopped);
+        if let Some(summary) = *stopped {
+            return summary;
+        }
+        let summary = self.stop_once();
+        *stopped = Some(summary);
+        summary
+    }
+
+    fn stop_once(&self) -> GateSummary {
         let began = Instant::now();
         // The whole stop, wedged parts included, fits the drain's promise:
         // one second past the op timeout (`drain_timeout` is the op timeout
         // plus 200 ms), with room left to print the summary.
         let end = began + self.drain_timeout + STOP_SLACK;
-        if let Some((tx, h)) = self.upgrader.take() {
+        if let Some((tx, h)) = lock(&self.upgrader).take() {
             drop(tx);
             // A store retry may be in a dial (up to the dial timeout): it
             // finds the shards gone and ends by itself.
@@ -535,7 +558,8 @@ impl Gate {
             let _ = s.try_send(());
         }
         let mut summary = GateSummary::default();
-        if let Some(h) = self.serving.take() {
+        let serving = lock(&self.serving).take();
+        if let Some(h) = serving {
             // Bounded even if a shard wedges: the drain itself is bounded by
             // the op timeout (plus a 100 ms unwind), so this only waits
             // longer than that on a bug.
@@ -562,12 +586,13 @@ impl Gate {
             }
         }
         summary.drain = began.elapsed();
-        if let Some(engine) = self.engine.take()
-            && let Ok(engine) = Arc::try_unwrap(engine)
-        {
+        // Closed through the shared handle: a store retry still in a dial,
+        // or a readiness probe, may hold a clone; they then find it stopped.
+        let engine = lock(&self.engine).take();
+        if let Some(engine) = engine {
             let stopping = std::thread::Builder::new()
                 .name("txgate-stop".into())
-                .spawn(move || engine.shutdown());
+                .spawn(move || engine.close());
             let limit = end
                 .saturating_duration_since(Instant::now())
                 .max(STOP_ENGINE);
@@ -606,10 +631,14 @@ fn join_within<T>(h: JoinHandle<T>, limit: Duration) -> Option<std::thread::Resu
 
 impl Drop for Gate {
     fn drop(&mut self) {
-        if self.engine.is_some() {
-            self.stop();
-        }
+        self.stop();
     }
+}
+
+/// `m`'s contents; a poisoned lock (a panic elsewhere while holding it) is
+/// still read: these hold plain handles, never half-updated state.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Retries the store until it opens, then installs it on every shard.
