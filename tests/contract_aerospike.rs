@@ -229,6 +229,25 @@ fn a_node_that_left_and_claims_everything_alone_is_not_believed() {
         || !handle.node_ids().contains(&server.node_id(2)),
     );
     assert_eq!(handle.node_ids().len(), 2);
+    // Back at its old address (a restart that took longer than the
+    // departure): known again, and dialed again — its old connections were
+    // closed when it left.
+    server.rejoin_last_left();
+    support::wait_for(
+        "the node to be known again",
+        Duration::from_secs(20),
+        || handle.node_ids().contains(&server.node_id(2)),
+    );
+    let served = server.requests_to(2);
+    wait_unproxied(
+        &server,
+        &e,
+        "the returned node to be routed to",
+        60,
+        Duration::from_secs(15),
+    );
+    assert!(server.requests_to(2) > served, "served directly again");
+    assert_eq!(handle.node_slots(), 3);
 }
 
 /// A node that comes back at a new address with the same node id (a pod

@@ -348,6 +348,22 @@ impl AeroServer {
         s.partition_generation.fetch_add(1, Ordering::SeqCst);
     }
 
+    /// The node that left last (with [`AeroServer::leave_last`]) comes back
+    /// to the cluster at its old address: listed by every node again,
+    /// partitions rebalanced over it, generations moved on.
+    pub fn rejoin_last_left(&self) {
+        let s = &self.shared;
+        let now = s.active.load(Ordering::SeqCst);
+        assert!(
+            s.left[now].load(Ordering::SeqCst),
+            "node {now} has not left"
+        );
+        s.left[now].store(false, Ordering::SeqCst);
+        s.active.store(now + 1, Ordering::SeqCst);
+        s.peers_generation.fetch_add(1, Ordering::SeqCst);
+        s.partition_generation.fetch_add(1, Ordering::SeqCst);
+    }
+
     /// Node `i` moves to a new port, keeping its node id (a pod rescheduled
     /// with a fixed node id): it stops listening on the old one and drops
     /// its connections there, every peer list names the new address, and

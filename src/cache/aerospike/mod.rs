@@ -113,6 +113,9 @@ pub struct AerospikeShard {
     /// `conns[node][i]`: the shard's connections to each node, in the
     /// order of `Settings::nodes` (a prefix of it while new nodes are dialed).
     conns: Rc<RefCell<Vec<NodeConns>>>,
+    /// Counters of connections replaced (a slot another node took over):
+    /// the shard's totals never go down.
+    dropped: Rc<Cell<crate::pipeline::PipelineCounters>>,
     next_conn: Cell<usize>,
     /// This shard's copy of the owner map, and which publication it is.
     owner: Rc<RefCell<(u64, Arc<[u16]>)>>,
@@ -168,20 +171,24 @@ impl AerospikeBackend {
     pub async fn shard(&self, _shard: usize) -> Result<AerospikeShard, CacheError> {
         let s = &self.inner;
         let mut conns = Vec::new();
-        // Where each node's connections dial: a slot taken over by another
-        // node (see `tend`) shows as an address that changed.
-        let mut dialed = Vec::new();
+        // Where each slot's connections dial; `None`: closed (a gone node).
+        // A slot a join took over — another node, or the same one back —
+        // shows as a different address or as `None`.
+        let mut dialed: Vec<Option<SocketAddr>> = Vec::new();
         for node in nodes_of(s) {
             if node.gone {
                 // Kept for the indices: closed, so nothing routes there.
                 let per_node = dial_node_later(s, &node);
                 per_node.iter().for_each(|p| p.close());
                 conns.push(per_node);
+                dialed.push(None);
             } else {
                 conns.push(dial_node(s, &node).await?);
+                dialed.push(Some(node.addr));
             }
-            dialed.push(node.addr);
         }
+        let dropped = Rc::new(Cell::new(crate::pipeline::PipelineCounters::default()));
+        let kept = dropped.clone();
         let conns = Rc::new(RefCell::new(conns));
         let every = (s.op_timeout / 10).clamp(Duration::from_millis(1), Duration::from_millis(10));
         let owner = Rc::new(RefCell::new(current_owner(s)));
@@ -215,10 +222,18 @@ impl AerospikeBackend {
                     {
                         if node.gone {
                             per_node.iter().for_each(|p| p.close());
-                        } else if dialed[i] != node.addr {
-                            per_node.iter().for_each(|p| p.close());
+                            dialed[i] = None;
+                        } else if dialed[i] != Some(node.addr) {
+                            // What the old connections counted stays in the
+                            // shard's totals.
+                            let mut d = kept.get();
+                            for p in per_node.iter() {
+                                p.close();
+                                d.add(&p.counters());
+                            }
+                            kept.set(d);
                             *per_node = dial_node_later(&s, node);
-                            dialed[i] = node.addr;
+                            dialed[i] = Some(node.addr);
                         }
                     }
                 }
@@ -229,7 +244,7 @@ impl AerospikeBackend {
                     let mut conns = conns.borrow_mut();
                     for node in joined.iter().skip(known) {
                         conns.push(dial_node_later(&s, node));
-                        dialed.push(node.addr);
+                        dialed.push(Some(node.addr));
                     }
                 }
             }
@@ -237,6 +252,7 @@ impl AerospikeBackend {
         Ok(AerospikeShard {
             settings: s.clone(),
             conns,
+            dropped,
             next_conn: Cell::new(0),
             owner,
             _sweeper: sweeper,
@@ -699,7 +715,7 @@ fn ttl_of(ttl: Duration) -> Ttl {
 impl AerospikeShard {
     /// Counters summed over this shard's connections to every node.
     pub fn counters(&self) -> crate::pipeline::PipelineCounters {
-        let mut t = crate::pipeline::PipelineCounters::default();
+        let mut t = self.dropped.get();
         for p in self.conns.borrow().iter().flatten() {
             t.add(&p.counters());
         }
