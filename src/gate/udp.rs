@@ -221,24 +221,26 @@ impl SendBatch {
     /// `mode` turns [`SendMode::Plain`] so later batches skip the attempt.
     pub fn send(&mut self, fd: RawFd, mode: &mut SendMode) -> (usize, Option<io::Error>) {
         if *mode == SendMode::Gso {
-            let (sent, err) = self.send_from(fd, None, 0, true);
-            match err {
-                Some(e) if gso_refused(&e) => {
-                    *mode = SendMode::Plain;
-                    let (more, err) = self.send_from(fd, None, sent, false);
-                    (sent + more, err)
-                }
-                err => (sent, err),
+            let out = self.send_from(fd, None, 0, true);
+            if out.gso_failed {
+                // From the run that failed on: each of its datagrams alone
+                // (one may be what the kernel refused; the others still go).
+                *mode = SendMode::Plain;
+                let more = self.send_from(fd, None, out.next, false);
+                return (out.sent + more.sent, more.err.or(out.err));
             }
+            (out.sent, out.err)
         } else {
-            self.send_from(fd, None, 0, false)
+            let out = self.send_from(fd, None, 0, false);
+            (out.sent, out.err)
         }
     }
 
     /// [`SendBatch::send`] on an unconnected socket, to `to`, one message
     /// per payload.
     pub fn send_to(&mut self, fd: RawFd, to: &SockAddr) -> (usize, Option<io::Error>) {
-        self.send_from(fd, Some(to), 0, false)
+        let out = self.send_from(fd, Some(to), 0, false);
+        (out.sent, out.err)
     }
 
     /// Lays out one header per payload, or per run of equal-size payloads
@@ -294,16 +296,12 @@ impl SendBatch {
     }
 
     /// Sends payloads `from..`; returns how many of them went.
-    fn send_from(
-        &mut self,
-        fd: RawFd,
-        to: Option<&SockAddr>,
-        from: usize,
-        gso: bool,
-    ) -> (usize, Option<io::Error>) {
+    fn send_from(&mut self, fd: RawFd, to: Option<&SockAddr>, from: usize, gso: bool) -> Sent {
         self.build(to, from, gso);
         let mut done = 0;
         let mut sent = 0;
+        // The first payload of header `done`.
+        let mut next = from;
         let mut eintr = 0;
         // A connected socket reports an earlier ICMP port-unreachable on
         // the next send, which then sends nothing: retry that, boundedly.
@@ -332,19 +330,37 @@ impl SendBatch {
                 }
                 // The whole target's: a send buffer that stayed full (each
                 // retry would wait the timeout again), a refusal that keeps
-                // coming, or GSO refused (the caller retries plainly).
+                // coming.
                 if matches!(
                     e.kind(),
                     io::ErrorKind::WouldBlock
                         | io::ErrorKind::TimedOut
                         | io::ErrorKind::ConnectionRefused
-                ) || (gso && gso_refused(&e))
-                {
-                    return (sent, Some(e));
+                ) {
+                    return Sent {
+                        sent,
+                        next,
+                        err: Some(e),
+                        gso_failed: false,
+                    };
                 }
-                // This message's (after a partial send, the next call
+                // A GSO message the kernel refused (no GSO on this route, a
+                // segment over its MTU: EMSGSIZE): the caller sends the run
+                // and the rest one datagram each.
+                if gso && (self.counts[done] > 1 || gso_refused(&e)) {
+                    // Not an error of any datagram: the mode changes.
+                    tracing::debug!("GSO refused: {e}");
+                    return Sent {
+                        sent,
+                        next,
+                        err: last_err,
+                        gso_failed: true,
+                    };
+                }
+                // This datagram's own (after a partial send, the next call
                 // reports the error of the first message it did not send):
                 // skip it, send the rest.
+                next += self.counts[done];
                 done += 1;
                 last_err = Some(e);
                 continue;
@@ -352,11 +368,30 @@ impl SendBatch {
             if n == 0 {
                 break;
             }
-            sent += self.counts[done..done + n as usize].iter().sum::<usize>();
+            let went = self.counts[done..done + n as usize].iter().sum::<usize>();
+            sent += went;
+            next += went;
             done += n as usize;
         }
-        (sent, last_err)
+        Sent {
+            sent,
+            next,
+            err: last_err,
+            gso_failed: false,
+        }
     }
+}
+
+/// How [`SendBatch::send_from`] ended.
+struct Sent {
+    /// Payloads that went.
+    sent: usize,
+    /// The first payload not yet sent or skipped.
+    next: usize,
+    /// The last error.
+    err: Option<io::Error>,
+    /// A GSO message was refused: send from `next` one datagram each.
+    gso_failed: bool,
 }
 
 /// Errors with which a target says it cannot take GSO at all (no
@@ -546,6 +581,34 @@ mod tests {
             want.remove(1);
             assert_eq!(receive_all(&rx, 3), want, "{mode:?}");
         }
+    }
+
+    #[test]
+    fn a_skipped_datagram_before_a_refused_gso_run_sends_nothing_twice() {
+        let (tx, rx) = connected_pair();
+        // The kernel refuses GSO on a socket that skips UDP checksums.
+        set_socket_int(&tx, libc::SO_NO_CHECK, 1);
+        let payloads = vec![
+            vec![1u8; 65_508],
+            vec![2u8; 100],
+            vec![3u8; 200],
+            vec![4u8; 200],
+            vec![5u8; 200],
+        ];
+        let mut out = SendBatch::with_capacity(8);
+        for p in &payloads {
+            out.push(p);
+        }
+        let mut mode = SendMode::Gso;
+        let (sent, err) = out.send(tx.as_raw_fd(), &mut mode);
+        assert_eq!(mode, SendMode::Plain);
+        assert_eq!(sent, 4);
+        assert_eq!(err.and_then(|e| e.raw_os_error()), Some(libc::EMSGSIZE));
+        assert_eq!(receive_all(&rx, 4), payloads[1..].to_vec());
+        // Nothing more is on its way (a resent datagram would be).
+        rx.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        assert!(rx.recv(&mut [0u8; 1024]).is_err(), "a datagram came twice");
     }
 
     #[test]
