@@ -336,11 +336,16 @@ impl ShardBackend {
         }
     }
 
-    /// Whether [`ShardBackend::set_nx_now`] answers (memory): callers skip
-    /// preparing a call that would only be handed back.
+    /// Whether [`ShardBackend::set_nx_now`] may answer (memory always; a
+    /// Redis shard with a connection down, whose calls would fail at once):
+    /// callers skip preparing a call that would only be handed back.
     #[inline]
     pub fn answers_now(&self) -> bool {
-        matches!(self, Self::Memory(_))
+        match self {
+            Self::Memory(_) => true,
+            Self::Redis(r) => r.any_down(),
+            Self::Aerospike(_) | Self::Fault(_) => false,
+        }
     }
 
     /// [`ShardBackend::set_nx`] for a store that answers without waiting
@@ -354,7 +359,12 @@ impl ShardBackend {
     ) -> Option<Result<bool, CacheError>> {
         match self {
             Self::Memory(m) => Some(m.set_nx(key, val, ttl)),
-            Self::Redis(_) | Self::Aerospike(_) | Self::Fault(_) => None,
+            // A connection that is down fails the call at once: answered
+            // here, the claim fails open inside its batch instead of
+            // costing a task and a send of its own (an outage is when the
+            // gate forwards the most).
+            Self::Redis(r) => r.fails_now(key).map(Err),
+            Self::Aerospike(_) | Self::Fault(_) => None,
         }
     }
 

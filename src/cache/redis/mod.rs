@@ -742,6 +742,42 @@ impl RedisShard {
         Instant::now() + self.settings.op_timeout
     }
 
+    /// Whether a connection of this shard is down (so some calls would fail
+    /// at once): a cheap check before [`RedisShard::fails_now`].
+    pub fn any_down(&self) -> bool {
+        match &self.mode {
+            Mode::Standalone(p) => !p.is_up(),
+            Mode::Cluster(c) => c.conns.borrow().values().any(|p| !p.is_up()),
+        }
+    }
+
+    /// The error a call for `key` would fail with at once (its connection is
+    /// down or its slot unmapped), without queuing it; `None`: it would be
+    /// sent.
+    pub fn fails_now(&self, key: &[u8]) -> Option<CacheError> {
+        let up = match &self.mode {
+            Mode::Standalone(p) => p.is_up(),
+            Mode::Cluster(c) => {
+                let slot = hash_slot(key);
+                let node = {
+                    let map = c.map.borrow();
+                    map.node_for_slot(slot).and_then(|i| map.node(i).cloned())
+                };
+                match node {
+                    // Dialing it if it is new, as a call would.
+                    Some(node) => c.conn(&node).is_up(),
+                    None => {
+                        c.refresh_wanted.set(true);
+                        false
+                    }
+                }
+            }
+        };
+        (!up).then(|| {
+            CacheError::from_call("set_nx", CallError::Disconnected, self.settings.op_timeout)
+        })
+    }
+
     /// `SET k v NX [PX ms]`; after an ambiguous failure, one `… NX … GET`
     /// retry where the server supports it and time is left: the retry
     /// shares the op's deadline, so no claim waits past the op timeout (one
