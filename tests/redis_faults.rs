@@ -318,3 +318,27 @@ fn a_set_nx_on_a_stalled_server_gives_up_at_one_op_timeout() {
     }
     server.resume();
 }
+
+/// The `SET … NX … GET` retry after a connection lost with the claim in
+/// flight: the first attempt reached the server (only its reply was cut),
+/// so the retry reads back the claim's own value and reports a win — not a
+/// fail-open forward, and never a false duplicate.
+#[test]
+fn a_claim_whose_reply_was_cut_is_won_by_its_retry() {
+    let (server, proxy) = proxied();
+    let e = engine_at(&proxy.addr().to_string(), Duration::from_secs(2));
+    let key = b"cut:claim".to_vec();
+    let nx = Op::SetNx {
+        key: key.clone(),
+        val: b"mine".to_vec(),
+        ttl: Duration::from_secs(60),
+    };
+    // The next server→client byte resets the connection: the SET lands,
+    // its reply is lost.
+    proxy.reset_after_bytes(0);
+    assert_eq!(e.op_blocking(&key, nx.clone()).unwrap(), Reply::SetNx(true));
+    assert_eq!(proxy.resets(), 1, "the reply was cut");
+    assert_eq!(server.cli(&["GET", "cut:claim"]).trim(), "mine");
+    // A second claim of it is a loss.
+    assert_eq!(e.op_blocking(&key, nx).unwrap(), Reply::SetNx(false));
+}

@@ -742,6 +742,15 @@ impl RedisShard {
         Instant::now() + self.settings.op_timeout
     }
 
+    /// Waits (polling every millisecond, until `deadline`) for the
+    /// connection `key` goes to to be up. A cold path: only the retry of an
+    /// ambiguous claim waits here.
+    async fn wait_up(&self, key: &[u8], deadline: Instant) {
+        while self.fails_now(key).is_some() && Instant::now() < deadline {
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     /// Whether a connection of this shard is down (so some calls would fail
     /// at once): a cheap check before [`RedisShard::fails_now`].
     pub fn any_down(&self) -> bool {
@@ -791,6 +800,9 @@ impl RedisShard {
             && self.settings.info.nx_get
             && Instant::now() < deadline
         {
+            // A lost connection redials within milliseconds: wait for it
+            // (boundedly) rather than fail at once on the one that is down.
+            self.wait_up(key, deadline).await;
             let retry = self.set_cmd(deadline, key, val, ttl, true, true).await;
             return match retry {
                 Ok(reply) => nx_get_outcome(reply, val),
