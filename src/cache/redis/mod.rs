@@ -473,9 +473,15 @@ impl RedisConnector {
             return Ok(a);
         }
         let name = self.addr_text.clone();
-        let found = glommio::executor()
-            .spawn_blocking(move || name.to_socket_addrs().ok().and_then(|mut a| a.next()))
-            .await;
+        let lookup = glommio::executor()
+            .spawn_blocking(move || name.to_socket_addrs().ok().and_then(|mut a| a.next()));
+        // Half the dial timeout at most: a resolver that hangs must leave
+        // time to dial the address known already.
+        let found =
+            glommio::timer::timeout(self.settings.dial_timeout / 2, async { Ok(lookup.await) })
+                .await
+                .ok()
+                .flatten();
         if found.is_some() {
             self.known.set(found);
         }
