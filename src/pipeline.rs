@@ -235,6 +235,10 @@ struct State<R> {
     fifo: VecDeque<Entry>,
     /// Leading FIFO entries already failed by the sweep.
     swept: usize,
+    /// Some entry's deadline is earlier than one before it (a resend or
+    /// retry sharing its op's deadline): the sweep then looks past the
+    /// first entry not yet due.
+    unordered: bool,
     slots: Vec<Slot<R>>,
     free: Vec<u32>,
     driver: Option<Waker>,
@@ -264,6 +268,7 @@ impl<R> State<R> {
             self.complete(e.slot, Err(err.clone()));
         }
         self.swept = 0;
+        self.unordered = false;
         self.wbuf.clear();
     }
 }
@@ -303,6 +308,7 @@ impl<P: Protocol> Pipeline<P> {
             wbuf: Vec::with_capacity(64 << 10),
             fifo: VecDeque::with_capacity(config.inflight_max),
             swept: 0,
+            unordered: false,
             slots: Vec::with_capacity(config.inflight_max),
             free: Vec::new(),
             driver: None,
@@ -364,6 +370,9 @@ impl<P: Protocol> Pipeline<P> {
                     (st.slots.len() - 1) as u32
                 }
             };
+            if st.fifo.back().is_some_and(|e| e.deadline > deadline) {
+                st.unordered = true;
+            }
             st.fifo.push_back(Entry { slot, deadline });
             st.counters.calls += 1;
             if let Some(w) = &st.driver {
@@ -395,6 +404,26 @@ impl<P: Protocol> Pipeline<P> {
                 st.complete(slot, Err(CallError::Timeout(timeout)));
             }
             st.swept += 1;
+        }
+        if st.unordered {
+            // Rare and brief (an op's deadline at most): a full pass fails
+            // what is due behind entries that are not, leaving their places.
+            let (mut latest, mut still) = (None::<Instant>, false);
+            for i in st.swept..st.fifo.len() {
+                let (slot, deadline) = (st.fifo[i].slot, st.fifo[i].deadline);
+                if slot == NO_SLOT {
+                    continue;
+                }
+                if deadline <= now {
+                    st.fifo[i].slot = NO_SLOT;
+                    st.counters.timeouts += 1;
+                    st.complete(slot, Err(CallError::Timeout(timeout)));
+                } else {
+                    still |= latest.is_some_and(|l| deadline < l);
+                    latest = latest.max(Some(deadline));
+                }
+            }
+            st.unordered = still;
         }
         // A reply this overdue means a wedged peer or a half-open connection
         // (no RST ever comes): replace the connection rather than fail every
@@ -995,6 +1024,41 @@ mod tests {
             assert_eq!(p.call(line("next")).await.unwrap(), "next");
             let c = p.counters();
             assert_eq!((c.timeouts, c.late_replies), (1, 1));
+        });
+    }
+
+    #[test]
+    fn a_call_due_before_one_ahead_of_it_times_out_on_time() {
+        let (addr, _) = server();
+        crate::engine::run_local(async move {
+            let p = Rc::new(
+                Pipeline::<Lines>::connect(Dial(addr), config(5000, 64))
+                    .await
+                    .unwrap(),
+            );
+            let _sweep = sweeper(&p);
+            // Ahead: due in 5 s, its reply 2 s away. Behind it: a resend
+            // sharing an op's deadline, due in 100 ms. The sweep used to
+            // stop at the first entry not due, so the second waited ~2 s.
+            let ahead = {
+                let p = p.clone();
+                glommio::spawn_local(async move {
+                    p.call_by(
+                        Instant::now() + Duration::from_secs(5),
+                        line("sleep:2000:a"),
+                    )
+                    .await
+                })
+            };
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+            let t0 = Instant::now();
+            let behind = p
+                .call_by(Instant::now() + Duration::from_millis(100), line("b"))
+                .await;
+            let took = t0.elapsed();
+            assert!(matches!(behind, Err(CallError::Timeout(_))), "{behind:?}");
+            assert!(took < Duration::from_millis(1000), "{took:?}");
+            assert_eq!(ahead.await.unwrap(), "sleep:2000:a");
         });
     }
 
