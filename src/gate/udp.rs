@@ -222,10 +222,14 @@ impl SendBatch {
     pub fn send(&mut self, fd: RawFd, mode: &mut SendMode) -> (usize, Option<io::Error>) {
         if *mode == SendMode::Gso {
             let out = self.send_from(fd, None, 0, true);
-            if out.gso_failed {
+            if let Some(for_good) = out.gso_failed {
                 // From the run that failed on: each of its datagrams alone
                 // (one may be what the kernel refused; the others still go).
-                *mode = SendMode::Plain;
+                // A route that cannot take GSO at all stays plain; a passing
+                // failure (ENOBUFS) costs this batch only.
+                if for_good {
+                    *mode = SendMode::Plain;
+                }
                 let more = self.send_from(fd, None, out.next, false);
                 return (out.sent + more.sent, more.err.or(out.err));
             }
@@ -341,20 +345,21 @@ impl SendBatch {
                         sent,
                         next,
                         err: Some(e),
-                        gso_failed: false,
+                        gso_failed: None,
                     };
                 }
                 // A GSO message the kernel refused (no GSO on this route, a
                 // segment over its MTU: EMSGSIZE): the caller sends the run
                 // and the rest one datagram each.
                 if gso && (self.counts[done] > 1 || gso_refused(&e)) {
-                    // Not an error of any datagram: the mode changes.
+                    // Not an error of any datagram: how they are sent changes.
                     tracing::debug!("GSO refused: {e}");
+                    let for_good = gso_refused(&e) || e.raw_os_error() == Some(libc::EMSGSIZE);
                     return Sent {
                         sent,
                         next,
                         err: last_err,
-                        gso_failed: true,
+                        gso_failed: Some(for_good),
                     };
                 }
                 // This datagram's own (after a partial send, the next call
@@ -377,7 +382,7 @@ impl SendBatch {
             sent,
             next,
             err: last_err,
-            gso_failed: false,
+            gso_failed: None,
         }
     }
 }
@@ -390,8 +395,9 @@ struct Sent {
     next: usize,
     /// The last error.
     err: Option<io::Error>,
-    /// A GSO message was refused: send from `next` one datagram each.
-    gso_failed: bool,
+    /// A GSO message was refused: send from `next` one datagram each;
+    /// `true` when the route cannot take GSO at all.
+    gso_failed: Option<bool>,
 }
 
 /// Errors with which a target says it cannot take GSO at all (no
