@@ -109,7 +109,7 @@ pub fn register_flags(cmd: Command, flag_prefix: &str, env_prefix: &str) -> (Com
                 .default_missing_value("true")
                 .value_parser(clap::builder::BoolishValueParser::new())
                 .default_value("false")
-                .help("Speak TLS to Redis (implied by any --redis-tls-* file)"),
+                .help("Speak TLS to Redis (implied by any other --redis-tls-* flag)"),
         )
         .arg(
             f.arg("redis-tls-ca-file")
@@ -326,10 +326,11 @@ impl CacheFlags {
                 problem: bad,
             });
         }
-        // Any TLS file means TLS.
+        // Any TLS file, or a certificate name to check, means TLS.
         config.redis_tls |= config.redis_tls_ca_file.is_some()
             || config.redis_tls_cert_file.is_some()
-            || config.redis_tls_key_file.is_some();
+            || config.redis_tls_key_file.is_some()
+            || config.redis_tls_server_name.is_some();
         match (&config.redis_tls_cert_file, &config.redis_tls_key_file) {
             (Some(_), None) => return Err(self.needs("redis-tls-key-file", "redis-tls-cert-file")),
             (None, Some(_)) => return Err(self.needs("redis-tls-cert-file", "redis-tls-key-file")),
@@ -529,6 +530,16 @@ mod tests {
         assert!(c.redis_tls && c.redis_tls_ca_file.is_none());
         let c = parse(&base).unwrap();
         assert!(!c.redis_tls);
+        // A name for the server's certificate asks for TLS too.
+        let c = parse(
+            &[
+                &base[..],
+                &["--ingress-dedup-redis-tls-server-name", "redis.internal"],
+            ]
+            .concat(),
+        )
+        .unwrap();
+        assert!(c.redis_tls);
         let e = parse(
             &[
                 &base[..],
