@@ -391,3 +391,59 @@ fn nodes_announcing_hostnames_are_resolved_and_served() {
         assert_eq!(cluster.node(node).cli(&["GET", &key]).trim(), "v", "{key}");
     }
 }
+
+/// A master the map moves to an address that accepts connections and never
+/// answers (its handshake hangs for the whole dial timeout): that dial
+/// happens in the background, and claims for its slots fail fast in the
+/// meantime. It used to happen inline, holding the claim that met it.
+#[test]
+fn a_master_moved_to_a_silent_address_is_dialed_without_holding_claims() {
+    require_redis();
+    let cluster = RedisCluster::start();
+    let mut cfg = config(&cluster.seed_addr());
+    cfg.op_timeout = Duration::from_millis(200);
+    cfg.dial_timeout = Duration::from_secs(3);
+    let e = Arc::new(support::engine(1, cache::open(&cfg).unwrap()));
+    let moved = 2;
+    let key = key_on(&cluster, moved, "silent");
+    assert!(matches!(
+        op_within(&e, &key, Duration::from_secs(5)),
+        Some(Ok(_))
+    ));
+    // Accepts, never answers (bounded: 64 connections, held until the end).
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let held: Vec<_> = silent.incoming().take(64).collect();
+        drop(held);
+    });
+    // The master announces the silent port; once the cluster's view has it,
+    // drop this shard's connection to the master so its map is re-read.
+    cluster
+        .node(moved)
+        .cmd(&["CONFIG", "SET", "cluster-announce-port", &port.to_string()])
+        .expect_ok("CONFIG SET");
+    support::wait_for(
+        "the new address in the slot map",
+        Duration::from_secs(15),
+        || {
+            cluster
+                .node(0)
+                .cli(&["CLUSTER", "SLOTS"])
+                .contains(&port.to_string())
+        },
+    );
+    cluster
+        .node(moved)
+        .cli(&["CLIENT", "KILL", "TYPE", "normal"]);
+    // Each op fails open well within the dial timeout (an inline dial would
+    // hold the first for all 3 s).
+    for _ in 0..5 {
+        let t0 = std::time::Instant::now();
+        let got = op_within(&e, &key, Duration::from_secs(10));
+        let took = t0.elapsed();
+        assert!(matches!(got, Some(Err(_))), "{got:?}");
+        assert!(took < Duration::from_millis(1500), "an op took {took:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
