@@ -423,27 +423,40 @@ fn a_master_moved_to_a_silent_address_is_dialed_without_holding_claims() {
         .node(moved)
         .cmd(&["CONFIG", "SET", "cluster-announce-port", &port.to_string()])
         .expect_ok("CONFIG SET");
+    // Every node's view: the shard re-reads the map from any of them.
     support::wait_for(
-        "the new address in the slot map",
+        "the new address in every slot map",
         Duration::from_secs(15),
         || {
-            cluster
-                .node(0)
-                .cli(&["CLUSTER", "SLOTS"])
-                .contains(&port.to_string())
+            (0..3).all(|i| {
+                cluster
+                    .node(i)
+                    .cli(&["CLUSTER", "SLOTS"])
+                    .contains(&port.to_string())
+            })
         },
     );
     cluster
         .node(moved)
         .cli(&["CLIENT", "KILL", "TYPE", "normal"]);
-    // Each op fails open well within the dial timeout (an inline dial would
-    // hold the first for all 3 s).
-    for _ in 0..5 {
+    // Ops succeed until the shard's map moves the master (it may redial the
+    // old port first), then fail open; none waits out the dial timeout (an
+    // inline dial held the first op after the move for all 3 s).
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut failed = 0;
+    while failed < 5 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the shard's map never moved the master"
+        );
         let t0 = std::time::Instant::now();
         let got = op_within(&e, &key, Duration::from_secs(10));
         let took = t0.elapsed();
-        assert!(matches!(got, Some(Err(_))), "{got:?}");
-        assert!(took < Duration::from_millis(1500), "an op took {took:?}");
-        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            took < Duration::from_millis(1500),
+            "an op took {took:?}: {got:?}"
+        );
+        failed += usize::from(matches!(got, Some(Err(_))));
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
