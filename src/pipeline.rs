@@ -239,6 +239,9 @@ struct State<R> {
     /// retry sharing its op's deadline): the sweep then looks past the
     /// first entry not yet due.
     unordered: bool,
+    /// The latest deadline queued, what a new call's is compared with (the
+    /// last entry may be an early one already failed).
+    latest: Option<Instant>,
     slots: Vec<Slot<R>>,
     free: Vec<u32>,
     driver: Option<Waker>,
@@ -269,6 +272,7 @@ impl<R> State<R> {
         }
         self.swept = 0;
         self.unordered = false;
+        self.latest = None;
         self.wbuf.clear();
     }
 }
@@ -309,6 +313,7 @@ impl<P: Protocol> Pipeline<P> {
             fifo: VecDeque::with_capacity(config.inflight_max),
             swept: 0,
             unordered: false,
+            latest: None,
             slots: Vec::with_capacity(config.inflight_max),
             free: Vec::new(),
             driver: None,
@@ -370,9 +375,10 @@ impl<P: Protocol> Pipeline<P> {
                     (st.slots.len() - 1) as u32
                 }
             };
-            if st.fifo.back().is_some_and(|e| e.deadline > deadline) {
+            if st.latest.is_some_and(|l| l > deadline) {
                 st.unordered = true;
             }
+            st.latest = st.latest.max(Some(deadline));
             st.fifo.push_back(Entry { slot, deadline });
             st.counters.calls += 1;
             if let Some(w) = &st.driver {
@@ -1057,6 +1063,15 @@ mod tests {
                 .await;
             let took = t0.elapsed();
             assert!(matches!(behind, Err(CallError::Timeout(_))), "{behind:?}");
+            assert!(took < Duration::from_millis(1000), "{took:?}");
+            // Another one after that pass, queued behind the first's
+            // placeholder: it too is due before the call still ahead.
+            let t0 = Instant::now();
+            let third = p
+                .call_by(Instant::now() + Duration::from_millis(100), line("c"))
+                .await;
+            let took = t0.elapsed();
+            assert!(matches!(third, Err(CallError::Timeout(_))), "{third:?}");
             assert!(took < Duration::from_millis(1000), "{took:?}");
             assert_eq!(ahead.await.unwrap(), "sleep:2000:a");
         });

@@ -194,7 +194,10 @@ fn connector(
         RedisConnector {
             settings: s.clone(),
             addr_text: addr_text.to_owned(),
-            known: Cell::new(known.or_else(|| addr_text.parse().ok())),
+            known: Arc::new(std::sync::Mutex::new(
+                known.or_else(|| addr_text.parse().ok()),
+            )),
+            looking: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             name: format!("{}-s{shard}", s.client_name),
         },
         PipelineConfig {
@@ -459,34 +462,54 @@ struct RedisConnector {
     settings: Arc<Settings>,
     addr_text: String,
     /// The address the last lookup found (or the one given).
-    known: Cell<Option<SocketAddr>>,
+    known: Arc<std::sync::Mutex<Option<SocketAddr>>>,
+    /// A lookup is running (one at a time, however slow the resolver).
+    looking: Arc<std::sync::atomic::AtomicBool>,
     name: String,
 }
 
 impl RedisConnector {
     /// Where to dial now: a host name is looked up again on every dial (on
-    /// glommio's blocking-thread pool, so a slow resolver holds this dial,
-    /// not the shard), since a managed endpoint fails over by moving its
-    /// name to another address; the last address known if the lookup fails.
+    /// a thread of its own, one lookup at a time, so a slow resolver holds
+    /// neither the shard nor later dials), since a managed endpoint fails
+    /// over by moving its name to another address. A dial waits for the
+    /// lookup at most half the dial timeout, then uses the last address
+    /// known; a lookup that answers later still updates it for the next.
     async fn resolve(&self) -> Result<SocketAddr, String> {
+        use std::sync::atomic::Ordering as AtomicOrdering;
         if let Ok(a) = self.addr_text.parse::<SocketAddr>() {
             return Ok(a);
         }
-        let name = self.addr_text.clone();
-        let lookup = glommio::executor()
-            .spawn_blocking(move || name.to_socket_addrs().ok().and_then(|mut a| a.next()));
-        // Half the dial timeout at most: a resolver that hangs must leave
-        // time to dial the address known already.
-        let found =
-            glommio::timer::timeout(self.settings.dial_timeout / 2, async { Ok(lookup.await) })
-                .await
-                .ok()
-                .flatten();
-        if found.is_some() {
-            self.known.set(found);
+        if !self.looking.swap(true, AtomicOrdering::AcqRel) {
+            let (name, known, looking) = (
+                self.addr_text.clone(),
+                self.known.clone(),
+                self.looking.clone(),
+            );
+            let (tx, rx) = flume::bounded(1);
+            let spawned = std::thread::Builder::new()
+                .name("txgate-resolve".into())
+                .spawn(move || {
+                    let found = name.to_socket_addrs().ok().and_then(|mut a| a.next());
+                    if found.is_some() {
+                        *known.lock().unwrap_or_else(|p| p.into_inner()) = found;
+                    }
+                    looking.store(false, AtomicOrdering::Release);
+                    let _ = tx.send(());
+                });
+            if spawned.is_err() {
+                self.looking.store(false, AtomicOrdering::Release);
+            } else {
+                let wait = async {
+                    let _ = rx.recv_async().await;
+                    Ok(())
+                };
+                let _ = glommio::timer::timeout(self.settings.dial_timeout / 2, wait).await;
+            }
         }
         self.known
-            .get()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
             .ok_or_else(|| format!("cannot resolve {}", self.addr_text))
     }
 }
@@ -809,6 +832,9 @@ impl RedisShard {
             // A lost connection redials within milliseconds: wait for it
             // (boundedly) rather than fail at once on the one that is down.
             self.wait_up(key, deadline).await;
+            if Instant::now() >= deadline {
+                return Err(CacheError::from_call("set_nx", e.clone(), timeout));
+            }
             let retry = self.set_cmd(deadline, key, val, ttl, true, true).await;
             return match retry {
                 Ok(reply) => nx_get_outcome(reply, val),
