@@ -364,7 +364,12 @@ fn a_stop_during_a_store_retry_still_stops_the_shards() {
     assert!(!shard_threads().is_empty());
     // Let a retry begin its dial.
     std::thread::sleep(Duration::from_millis(300));
-    gate.shutdown();
+    let (ready, why) = gate.readiness();
+    assert!(!ready && why.starts_with("degraded"), "{why}");
+    gate.stop();
+    // Stopped is what it says then, degraded or not before.
+    assert_eq!(gate.readiness(), (false, "stopped".to_string()));
+    drop(gate);
     // Well before the retry's dial ends (which used to be what let the
     // engine go, its last holder).
     wait_for("the shard threads to end", Duration::from_secs(3), || {

@@ -464,6 +464,10 @@ impl Gate {
     /// `/readyz`: ready when the store answers its health probe (or there is
     /// no remote store); degraded while a fail-open boot waits for it.
     pub fn readiness(&self) -> (bool, String) {
+        let engine = lock(&self.engine).clone();
+        let Some(engine) = engine else {
+            return (false, "stopped".into());
+        };
         if !self.store_connected() {
             return (
                 false,
@@ -473,10 +477,6 @@ impl Gate {
                 ),
             );
         }
-        let engine = lock(&self.engine).clone();
-        let Some(engine) = engine else {
-            return (false, "stopped".into());
-        };
         // Every shard has connections of its own: one that cannot reach the
         // store fails its claims open while the others are fine.
         let probe = engine.on_every_shard(|s| async move {
