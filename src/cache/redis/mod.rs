@@ -268,6 +268,13 @@ impl Cluster {
         p
     }
 
+    /// The master the map names for `key`'s slot.
+    fn master_of(&self, key: &[u8]) -> Option<NodeAddr> {
+        let map = self.map.borrow();
+        map.node_for_slot(hash_slot(key))
+            .and_then(|i| map.node(i).cloned())
+    }
+
     /// Sends a single-key command to its slot's master, following one
     /// `MOVED` (map patched, refresh requested) or one `ASK` (`ASKING` then
     /// the command, same connection, adjacent in its pipeline).
@@ -277,12 +284,7 @@ impl Cluster {
         key: &[u8],
         encode: impl Fn(&mut Vec<u8>),
     ) -> Result<Reply, CallError> {
-        let slot = hash_slot(key);
-        let node = {
-            let map = self.map.borrow();
-            map.node_for_slot(slot).and_then(|i| map.node(i).cloned())
-        };
-        let Some(node) = node else {
+        let Some(node) = self.master_of(key) else {
             self.refresh_wanted.set(true);
             return Err(CallError::Disconnected);
         };
@@ -796,12 +798,7 @@ impl RedisShard {
         let up = match &self.mode {
             Mode::Standalone(p) => p.is_up(),
             Mode::Cluster(c) => {
-                let slot = hash_slot(key);
-                let node = {
-                    let map = c.map.borrow();
-                    map.node_for_slot(slot).and_then(|i| map.node(i).cloned())
-                };
-                match node {
+                match c.master_of(key) {
                     // Dialing it if it is new, as a call would.
                     Some(node) => c.conn(&node).is_up(),
                     None => {
