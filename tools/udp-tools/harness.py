@@ -25,6 +25,31 @@ class HarnessError(Exception):
     """A step of the harness failed (not a usage error)."""
 
 
+class UsageError(Exception):
+    """A tool the harness started refused the flags it was given (exit 2)."""
+
+
+# Environment twins of txgate's flags: a variable left in the caller's shell would change
+# the subject under test without showing in its command line or the results.
+SCRUBBED_ENV_PREFIXES = ("TXGATE_", "INGRESS_DEDUP_")
+
+
+def child_env():
+    """This process's environment without txgate's flag variables."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(SCRUBBED_ENV_PREFIXES)}
+
+
+def check_cores(ap, flag, cores):
+    """Exit 2 (via argparse) when a core list names a CPU this process may not use."""
+    allowed = os.sched_getaffinity(0)
+    for c in str(cores).split(","):
+        if c == "":
+            continue
+        if not c.isdigit() or int(c) not in allowed:
+            ap.error(f"{flag} {cores}: core {c} is not one of this machine's usable CPUs "
+                     f"{sorted(allowed)}")
+
+
 def repo_root():
     """The txgate repository: two levels above tools/udp-tools."""
     return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -140,10 +165,12 @@ class Procs:
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             try:
                 p = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, preexec_fn=pre
+                    argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, preexec_fn=pre,
+                    env=child_env(),
                 )
-            except OSError as e:
-                raise HarnessError(f"cannot start {name} ({argv[0]}): {e}") from e
+            except (OSError, subprocess.SubprocessError) as e:
+                where = f" pinned to core(s) {sorted(cores)}" if cores else ""
+                raise HarnessError(f"cannot start {name} ({argv[0]}){where}: {e}") from e
         c = Child(name, argv, p, out_path, err_path)
         self.children.append(c)
         return c

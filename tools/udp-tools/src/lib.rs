@@ -441,6 +441,15 @@ impl RecvBatch {
     /// One `recvmmsg` (MSG_WAITFORONE: waits for the first datagram, up to the socket's
     /// receive timeout, then takes what is queued). Ok(0) on timeout or signal.
     pub fn recv(&mut self, sock: &UdpSocket) -> Result<usize, Error> {
+        self.recv_flags(sock, libc::MSG_WAITFORONE)
+    }
+
+    /// One `recvmmsg` that never waits: what is queued now, Ok(0) when nothing is.
+    pub fn try_recv(&mut self, sock: &UdpSocket) -> Result<usize, Error> {
+        self.recv_flags(sock, libc::MSG_DONTWAIT)
+    }
+
+    fn recv_flags(&mut self, sock: &UdpSocket, flags: libc::c_int) -> Result<usize, Error> {
         // SAFETY: hdrs holds hdrs.len() initialised headers whose iovecs point into bufs,
         // all alive for the call; a null timeout is allowed.
         let n = unsafe {
@@ -448,7 +457,7 @@ impl RecvBatch {
                 sock.as_raw_fd(),
                 self.hdrs.as_mut_ptr(),
                 self.hdrs.len() as libc::c_uint,
-                libc::MSG_WAITFORONE,
+                flags,
                 ptr::null_mut(),
             )
         };
@@ -493,6 +502,14 @@ pub struct LoopEnd {
 }
 
 impl LoopEnd {
+    /// Counts a batch of `n` datagrams received now.
+    fn took(&mut self, n: usize) {
+        let now = Instant::now();
+        self.first.get_or_insert(now);
+        self.last = Some(now);
+        self.received += n as u64;
+    }
+
     /// Seconds from the first to the last datagram.
     pub fn active_s(&self) -> f64 {
         match (self.first, self.last) {
@@ -502,8 +519,14 @@ impl LoopEnd {
     }
 }
 
+/// Most batches [`receive_loop`] takes from the queue once it has decided to stop.
+const FINAL_DRAIN_BATCHES: usize = 4096;
+
 /// Receives batches until SIGTERM/SIGINT, `max_s`, or `idle_ms` of silence after the
 /// first datagram (0 = no idle stop), handing each non-empty batch to `on_batch`.
+/// Before it stops it takes what is already queued (a datagram that came between the
+/// last wait's timeout and the decision is counted, not left unread); on an idle stop,
+/// anything found that way means the sender was not idle, and it carries on.
 pub fn receive_loop(
     sock: &UdpSocket,
     rx: &mut RecvBatch,
@@ -533,20 +556,42 @@ pub fn receive_loop(
         if let (true, Some(last)) = (idle_ms > 0, end.last)
             && now - last >= idle
         {
+            if drain_queued(sock, rx, &mut end, &mut on_batch)? > 0 {
+                continue;
+            }
             end.stopped = "idle";
-            break;
+            return Ok(end);
         }
         let n = rx.recv(sock)?;
         if n == 0 {
             continue;
         }
-        let now = Instant::now();
-        end.first.get_or_insert(now);
-        end.last = Some(now);
-        end.received += n as u64;
+        end.took(n);
         on_batch(rx, n)?;
     }
+    drain_queued(sock, rx, &mut end, &mut on_batch)?;
     Ok(end)
+}
+
+/// Takes what is queued on `sock` without waiting (at most [`FINAL_DRAIN_BATCHES`]
+/// batches), counting it into `end`; returns how many datagrams it took.
+fn drain_queued(
+    sock: &UdpSocket,
+    rx: &mut RecvBatch,
+    end: &mut LoopEnd,
+    on_batch: &mut impl FnMut(&RecvBatch, usize) -> Result<(), Error>,
+) -> Result<u64, Error> {
+    let mut took = 0;
+    for _ in 0..FINAL_DRAIN_BATCHES {
+        let n = rx.try_recv(sock)?;
+        if n == 0 {
+            break;
+        }
+        end.took(n);
+        took += n as u64;
+        on_batch(rx, n)?;
+    }
+    Ok(took)
 }
 
 /// Result of sending a batch: how many went out and how many failed (each failed one is
@@ -723,6 +768,29 @@ mod tests {
         assert_eq!(i, 123_456_789);
         assert_ne!(tag_bytes(0xabc, 16), tag_bytes(0xabd, 16));
         assert_eq!(tag_bytes(1, 40).len(), 32);
+    }
+
+    #[test]
+    fn a_datagram_queued_when_the_idle_stop_is_decided_is_counted() {
+        let sock = bind_receiver("127.0.0.1:0".parse().unwrap(), 0, false).unwrap();
+        let to = sock.local_addr().unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.send_to(b"first", to).unwrap();
+        let mut rx = RecvBatch::new(4, 64);
+        let mut batches = 0;
+        // Handling the first batch outlasts the idle time, and a second datagram is
+        // queued meanwhile: the loop sees idle before it reads again.
+        let end = receive_loop(&sock, &mut rx, 10, 30, |_, _| {
+            batches += 1;
+            if batches == 1 {
+                tx.send_to(b"second", to).unwrap();
+                std::thread::sleep(Duration::from_millis(60));
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(end.stopped, "idle");
+        assert_eq!(end.received, 2, "the queued datagram is counted");
     }
 
     #[test]

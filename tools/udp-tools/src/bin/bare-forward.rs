@@ -59,6 +59,7 @@ fn run(a: Args) -> Result<(), Error> {
     let fd = out.as_raw_fd();
     let mut forwarded: u64 = 0;
     let mut send_errors: u64 = 0;
+    let mut truncated: u64 = 0;
     let cpu0 = cpu_seconds();
     let end = receive_loop(
         &sock,
@@ -71,6 +72,7 @@ fn run(a: Args) -> Result<(), Error> {
                 // SAFETY: i < iovs.len(); iovs outlives the send below.
                 hdrs[i].msg_hdr.msg_iov = unsafe { iovs.as_mut_ptr().add(i) };
                 hdrs[i].msg_hdr.msg_iovlen = 1;
+                truncated += u64::from(rx.truncated(i));
             }
             let o = send_all(fd, &mut hdrs[..n])?;
             forwarded += o.sent as u64;
@@ -86,6 +88,7 @@ fn run(a: Args) -> Result<(), Error> {
         .u("packets", end.received)
         .u("forwarded", forwarded)
         .u("send_errors", send_errors)
+        .u("truncated", truncated)
         .receiver(&end, &sock, a.base.batch, cpu0, cpu1)
         .finish();
     println!("{line}");
