@@ -98,6 +98,10 @@ fn main() -> ExitCode {
     if let Some(Mode::Client(a)) = cli.mode {
         return client::main(a);
     }
+    if let Err(e) = check_usage(&cli.opts) {
+        eprintln!("redis-peers: {e}");
+        return ExitCode::from(2);
+    }
     match bench(cli.opts) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -105,6 +109,66 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Flag values clap cannot check alone; an error here exits 2.
+fn check_usage(o: &Opts) -> Result<(), String> {
+    let cpus = online_cpus();
+    for (flag, core) in [
+        ("--client-core", o.client_core),
+        ("--server-core", o.server_core),
+    ] {
+        if core >= cpus {
+            return Err(format!(
+                "{flag} {core}: this machine has CPUs 0..={}",
+                cpus - 1
+            ));
+        }
+    }
+    if let Some(a) = &o.addr
+        && a.rsplit_once(':')
+            .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+    {
+        return Err(format!("--addr {a}: expected HOST:PORT"));
+    }
+    Ok(())
+}
+
+fn online_cpus() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize
+}
+
+/// The scratch folder of this run, for the signal watcher to remove.
+static SCRATCH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Turns SIGTERM, SIGINT and SIGHUP into removing the scratch folder (with its
+/// copy of txgate) and exiting 128 + signal; the children die with us
+/// (PR_SET_PDEATHSIG). The signals are blocked in every thread and taken by
+/// one that waits for them; children start with an empty mask (std resets it).
+fn watch_signals() {
+    // SAFETY: plain sigset manipulation on a local set, then the calling
+    // thread's mask; both calls only fail on invalid arguments.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    std::thread::spawn(move || {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `set` is an initialised sigset and `sig` a valid out-pointer.
+        if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+            if let Some(dir) = SCRATCH.get() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            eprintln!("redis-peers: signal {sig}: stopped, scratch folder removed");
+            std::process::exit(128 + sig);
+        }
+    });
 }
 
 /// The txgate repository: this tool lives in its `tools/redis-peers`.
@@ -138,30 +202,11 @@ fn bench(o: Opts) -> Result<(), String> {
     let mut depths = o.depths.clone();
     depths.dedup();
     let ops_for = |d: u64| o.ops.unwrap_or_else(|| default_ops(d));
-    // SAFETY: sysconf has no preconditions.
-    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
-    for (flag, core) in [
-        ("--client-core", o.client_core),
-        ("--server-core", o.server_core),
-    ] {
-        if core >= cpus {
-            return Err(format!(
-                "{flag} {core}: this machine has CPUs 0..={}",
-                cpus - 1
-            ));
-        }
-    }
     if o.addr.is_none() && o.server_core == o.client_core {
         eprintln!(
             "redis-peers: warning: server and client share core {}",
             o.client_core
         );
-    }
-    if let Some(a) = &o.addr
-        && a.rsplit_once(':')
-            .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
-    {
-        return Err(format!("--addr {a}: expected HOST:PORT"));
     }
     let repo = repo_root();
     let txgate = o
@@ -180,6 +225,8 @@ fn bench(o: Opts) -> Result<(), String> {
         .clone()
         .unwrap_or_else(|| repo.join("target/redis-peers.json"));
     let scratch = Scratch(std::env::temp_dir().join(format!("redis-peers-{}", std::process::id())));
+    let _ = SCRATCH.set(scratch.0.clone());
+    watch_signals();
     std::fs::create_dir_all(&scratch.0)
         .map_err(|e| format!("creating {}: {e}", scratch.0.display()))?;
 
@@ -321,7 +368,7 @@ fn bench(o: Opts) -> Result<(), String> {
         "tool": format!("redis-peers {}", env!("CARGO_PKG_VERSION")),
         "command": std::env::args().collect::<Vec<_>>().join(" "),
         "machine": {
-            "cpus": cpus,
+            "cpus": online_cpus(),
             "cpu_model": cpu_model(),
             "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_owned()).ok(),
             "client_core": o.client_core,

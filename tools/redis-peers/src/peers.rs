@@ -11,8 +11,19 @@ use crate::child::{Exit, run_pinned};
 use crate::server::Server;
 use crate::stats::LatencySummary;
 
-/// Bound on one child run, start to exit; past it the child is killed.
+/// Bound on one child run, start to exit, before its share per op: past
+/// [`run_limit`] the child is killed.
 pub const RUN_LIMIT: Duration = Duration::from_secs(120);
+
+/// The slowest rate a run is allowed before it counts as hung: a run of `ops`
+/// gets [`RUN_LIMIT`] plus `ops` at this many per second.
+const SLOWEST_OPS_PER_S: u64 = 2_000;
+
+/// How long a run of `ops` may take: large `--ops` get room, a hang is still
+/// caught.
+pub fn run_limit(ops: u64) -> Duration {
+    RUN_LIMIT + Duration::from_secs(ops / SLOWEST_OPS_PER_S)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -229,7 +240,7 @@ impl Ctx {
             core_times(self.client_core),
             self.server_core.and_then(core_times),
         );
-        let exit = run_pinned(&mut cmd, self.client_core, RUN_LIMIT)?;
+        let exit = run_pinned(&mut cmd, self.client_core, run_limit(ops))?;
         let cores1 = (
             core_times(self.client_core),
             self.server_core.and_then(core_times),
