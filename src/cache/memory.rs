@@ -34,8 +34,8 @@ use hashbrown::HashTable;
 
 use crate::hugepages::Prefaulted;
 
-/// The partition's table: allocated once for its bound, every page faulted
-/// in at start-up (see [`Prefaulted`]).
+/// The partition's table: allocated once, for twice its bound (see
+/// [`table_capacity_for`]), every page faulted in at start-up ([`Prefaulted`]).
 type Table = HashTable<Entry, Prefaulted>;
 
 use super::CacheError;
@@ -94,17 +94,24 @@ impl MemoryBackend {
     /// Shard `shard` of `shards`'s partition, bounded to its share of the keys.
     pub fn shard(&self, shard: usize, shards: usize) -> MemoryShard {
         debug_assert!(shard < shards);
-        let max_keys = if self.max_keys == 0 {
-            0
-        } else {
-            self.max_keys.div_ceil(shards.max(1))
-        };
         MemoryShard {
-            part: RefCell::new(Partition::new(max_keys)),
+            part: RefCell::new(Partition::new(share_of(self.max_keys, shard, shards))),
             closed: Cell::new(false),
             counters: self.counters.clone(),
         }
     }
+}
+
+/// Shard `shard`'s part of a bound of `max_keys` over `shards`: the shares sum
+/// to the bound exactly (the first `max_keys % shards` shards take one more),
+/// except that every shard holds at least one key (0 would mean unbounded).
+fn share_of(max_keys: usize, shard: usize, shards: usize) -> usize {
+    if max_keys == 0 {
+        return 0;
+    }
+    let shards = shards.max(1);
+    let extra = usize::from(shard < max_keys % shards);
+    (max_keys / shards + extra).max(1)
 }
 
 /// A key and its value in one buffer, inline when short (dedup keys and claim
@@ -300,13 +307,31 @@ impl MemoryShard {
     }
 }
 
+/// The table capacity to ask for so `keys` live entries never make it grow.
+///
+/// A full partition removes and inserts on every novel key, and some removals
+/// leave tombstones that use up the table's room for inserts. When the room
+/// runs out the table rehashes: in place while its entries fill at most half
+/// its capacity, otherwise into a table twice the size — a new allocation,
+/// every page faulted in, every entry moved and reindexed, on one claim
+/// (≈ 0.5 s at 500 k keys), with both tables held meanwhile. Asking for twice
+/// the keys keeps every rehash in place.
+fn table_capacity_for(keys: usize) -> usize {
+    if keys == 0 {
+        0
+    } else {
+        keys.saturating_add(1).saturating_mul(2)
+    }
+}
+
 impl Partition {
     fn new(max_keys: usize) -> Self {
         // Sized once for the bound: growing a large table rehashes every
-        // entry at once, a multi-millisecond stall on the claim path.
+        // entry at once, a stall of milliseconds to a second on the claim
+        // path.
         let presize = max_keys.min(PRESIZE_KEYS_MAX);
         Self {
-            table: HashTable::with_capacity_in(presize, Prefaulted),
+            table: HashTable::with_capacity_in(table_capacity_for(presize), Prefaulted),
             hasher: ahash::RandomState::new(),
             timed: VecDeque::with_capacity(presize),
             timed_last_ms: 0,
@@ -638,6 +663,35 @@ mod tests {
             s.set(&[i], b"v", Duration::ZERO).unwrap();
         }
         assert_eq!(s.len(), 3);
+        // The shares sum to the bound, not above it.
+        for (max, shards) in [(10, 4), (1_000_000, 3), (7, 7), (5, 1)] {
+            let sum: usize = (0..shards).map(|i| share_of(max, i, shards)).sum();
+            assert_eq!(sum, max, "{max} over {shards}");
+        }
+        // Below one key a shard, each still holds one (0 would be unbounded).
+        assert_eq!(share_of(1, 7, 8), 1);
+        assert_eq!(share_of(0, 1, 2), 0);
+    }
+
+    /// A full partition churns: every novel key evicts one. Its table must
+    /// never grow past its start-up size (a doubling stalls one claim for up
+    /// to a second and holds both tables meanwhile).
+    #[test]
+    fn a_full_partition_never_regrows_its_table_under_churn() {
+        let c = MemoryCounters::default();
+        let max_keys = 50_000;
+        let mut p = Partition::new(max_keys);
+        let buckets = p.table.capacity();
+        for i in 0..400_000u64 {
+            let key = [b"txgate:".as_slice(), &i.to_le_bytes(), &[0u8; 8]].concat();
+            assert!(p.set_nx(&key, b"host-1:0:42", i + 60_000, i / 1000, &c));
+            assert!(
+                p.table.capacity() <= buckets,
+                "insert {i}: the table grew from {buckets} to {} at its bound of {max_keys}",
+                p.table.capacity()
+            );
+        }
+        assert_eq!(p.table.len(), max_keys);
     }
 
     #[test]
