@@ -4,6 +4,11 @@
 //! Like dedup, it never blocks forwarding on the store: a failed `get` is a
 //! miss, a failed `put` is a frame not kept, a failed dedup check lets the
 //! frame through. Each is counted. It needs a store, so `none` is refused.
+//!
+//! A retransmission mark lives at `prefix ‖ HashKey ‖ SeqNum ‖ ":seen"`. That
+//! is unambiguous only while every hash key has one length (a digest's): with
+//! two lengths, a mark's key is also some other frame's key. A store takes the
+//! length of the first hash key it is given and refuses any other (counted).
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -32,6 +37,9 @@ pub struct FrameCounters {
     pub retransmissions: u64,
     /// Dedup checks that failed and let the frame through.
     pub dedup_errors: u64,
+    /// Calls refused because their hash key's length differed from the
+    /// store's (a put not kept, a get missed, a dedup check let through).
+    pub bad_keys: u64,
 }
 
 /// One shard's frame store over its backend.
@@ -40,6 +48,8 @@ pub struct FrameStore {
     prefix: Vec<u8>,
     ttl: Duration,
     counters: Cell<FrameCounters>,
+    /// The length every hash key must have: the first one's.
+    hash_key_len: Cell<Option<usize>>,
 }
 
 impl FrameStore {
@@ -55,7 +65,30 @@ impl FrameStore {
             prefix: prefix.to_vec(),
             ttl,
             counters: Cell::default(),
+            hash_key_len: Cell::new(None),
         })
+    }
+
+    /// Whether `hash_key` has the store's hash key length (the first call
+    /// sets it); counts a refusal.
+    fn key_fits(&self, hash_key: &[u8]) -> bool {
+        let len = match self.hash_key_len.get() {
+            Some(len) => len,
+            None => {
+                self.hash_key_len.set(Some(hash_key.len()));
+                hash_key.len()
+            }
+        };
+        let fits = len == hash_key.len();
+        if !fits {
+            tracing::debug!(
+                len,
+                got = hash_key.len(),
+                "frame store: hash key of another length refused"
+            );
+            self.count(|c| c.bad_keys += 1);
+        }
+        fits
     }
 
     fn key(&self, hash_key: &[u8], seq: u64) -> Vec<u8> {
@@ -79,6 +112,9 @@ impl FrameStore {
 
     /// Keeps `frame` for later NACKs; returns whether it was stored.
     pub async fn put(&self, hash_key: &[u8], seq: u64, frame: &[u8]) -> bool {
+        if !self.key_fits(hash_key) {
+            return false;
+        }
         match self
             .backend
             .set(&self.key(hash_key, seq), frame, self.ttl)
@@ -98,6 +134,9 @@ impl FrameStore {
 
     /// The frame for a NACK, or `None` when missing, expired or unreachable.
     pub async fn get(&self, hash_key: &[u8], seq: u64) -> Option<Vec<u8>> {
+        if !self.key_fits(hash_key) {
+            return None;
+        }
         match self.backend.get(&self.key(hash_key, seq)).await {
             Ok(Some(f)) => {
                 self.count(|c| c.hits += 1);
@@ -121,6 +160,9 @@ impl FrameStore {
     /// Whether this is the first sighting of `(hash_key, seq)`: false for a
     /// retransmission. Fails open (true) when the store errs.
     pub async fn first_sighting(&self, hash_key: &[u8], seq: u64) -> bool {
+        if !self.key_fits(hash_key) {
+            return true;
+        }
         let mut key = self.key(hash_key, seq);
         key.extend_from_slice(b":seen");
         match self.backend.set_nx(&key, b"1", self.ttl).await {
@@ -169,6 +211,24 @@ mod tests {
         assert!(!run(fs.first_sighting(b"hash", 1)));
         let c = fs.counters();
         assert_eq!((c.puts, c.hits, c.misses, c.retransmissions), (1, 1, 1, 1));
+    }
+
+    /// With two hash key lengths a mark's key would be another frame's key
+    /// (`h ‖ seq ‖ ":seen"` is the frame key of `h ‖ seq[..5]` and a sequence
+    /// number ending in ":seen"): the store refuses the second length.
+    #[test]
+    fn a_mark_is_never_served_as_a_frame() {
+        let b = Rc::new(ShardBackend::Memory(MemoryBackend::new(0).shard(0, 1)));
+        let fs = FrameStore::new(Some(b), b"f:", Duration::from_secs(60)).unwrap();
+        let (h, seq) = (b"hashkey-A".as_slice(), 0x0102_0304_0506_0708u64);
+        assert!(run(fs.first_sighting(h, seq)));
+        let be = seq.to_be_bytes();
+        let h2 = [h, &be[..5]].concat();
+        let seq2 = u64::from_be_bytes([be[5], be[6], be[7], b':', b's', b'e', b'e', b'n']);
+        assert_eq!(run(fs.get(&h2, seq2)), None);
+        assert!(!run(fs.put(&h2, seq2, b"frame")));
+        assert!(!run(fs.first_sighting(h, seq)), "the mark is intact");
+        assert_eq!(fs.counters().bad_keys, 2);
     }
 
     #[test]
