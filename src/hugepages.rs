@@ -199,18 +199,28 @@ mod tests {
         // SAFETY: allocated above with this layout, freed once.
         unsafe { Prefaulted.deallocate(block.cast(), layout) };
 
-        // The control: a plain block that large is a fresh mapping, absent
-        // until touched (so the check above can fail).
-        // SAFETY: a non-zero layout; freed once with it.
+        // The control: a fresh anonymous mapping is absent until touched
+        // (so the check above can fail). Taken from mmap itself: after large
+        // frees, malloc may serve a block this size from pages already
+        // touched.
+        // SAFETY: an anonymous private mapping of a non-zero length, unmapped
+        // once with the same length.
         unsafe {
-            let q = System.alloc(layout);
-            assert!(!q.is_null());
-            let (resident, pages) = resident_pages(q, layout.size());
+            let q = libc::mmap(
+                std::ptr::null_mut(),
+                layout.size(),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            assert_ne!(q, libc::MAP_FAILED);
+            let (resident, pages) = resident_pages(q.cast(), layout.size());
             assert!(
                 resident < pages / 2,
                 "{resident} of {pages} resident untouched"
             );
-            System.dealloc(q, layout);
+            libc::munmap(q, layout.size());
         }
     }
 }

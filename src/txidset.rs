@@ -528,7 +528,10 @@ pub enum Claim {
 /// TxID) and its sequence number, no borrows, so it can move into a task.
 /// Small on purpose: it moves several times per claim, so key and value are
 /// composed where the store call needs them. Dropping it unfinished
-/// releases the slot, and the TxID stays unclaimed.
+/// releases the slot here and remembers nothing; a store call already sent
+/// may still create the key, so later copies can find it `Lost` with nobody
+/// forwarding it. A caller that cannot finish (an engine stopping gives
+/// `ShardStopped`) must fail open: forward, as the gate does.
 #[must_use = "finish the claim, or the TxID is neither forwarded nor remembered"]
 pub struct NovelClaim {
     pending: Rc<RefCell<Pending>>,
