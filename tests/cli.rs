@@ -81,6 +81,7 @@ fn unusable_combinations_exit_2_naming_the_flag() {
         ),
         (&["bench", "--cores", "3-1"][..], "--cores"),
         (&["bench", "--claims", "0"][..], "--claims"),
+        (&["bench", "--txid-len", "4"][..], "--txid-len"),
         (&["bench", "--ttl", "600h"][..], "--ttl"),
         (
             &["bench", "--tier1-capacity", "1000000000", "--shards", "64"][..],
@@ -190,4 +191,58 @@ fn unreachable_backends_are_runtime_errors_not_usage_errors() {
     ]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("redis"), "{}", stderr(&o));
+}
+
+/// A one-shard tier-1-only bench with a small table: quick to start.
+const SMALL_TIER1_ONLY: &[&str] = &[
+    "bench",
+    "--backend",
+    "none",
+    "--tier1-capacity",
+    "1024",
+    "--shards",
+    "1",
+];
+
+/// A paced run's tasks sleep until each claim's start: one due after the
+/// run's end is not made, so `--duration` bounds the run (50 tasks at 10
+/// claims/s used to sleep up to 5 s past a 1 s run).
+#[test]
+fn a_paced_run_ends_by_its_duration() {
+    let t0 = std::time::Instant::now();
+    let o = txgate(
+        &[
+            SMALL_TIER1_ONLY,
+            &["--rate", "10", "--inflight", "50", "--duration", "1s"],
+        ]
+        .concat(),
+    );
+    let took = t0.elapsed();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        took < std::time::Duration::from_secs(4),
+        "a 1 s run took {took:?}"
+    );
+}
+
+/// A paced run that cannot keep its pacing says so, on stderr and in its
+/// JSON: its latencies leave out the claims it never made.
+#[test]
+fn a_paced_run_that_falls_behind_warns_about_it() {
+    let dir = std::env::temp_dir().join(format!("txgate-cli-warn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("bench.json");
+    let pacing = ["--rate", "100000000", "--duration", "300ms", "--json"];
+    let o = txgate(&[SMALL_TIER1_ONLY, &pacing, &[json.to_str().unwrap()]].concat());
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stderr(&o).contains("WARNING: offered"), "{}", stderr(&o));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let w = v["warnings"].as_array().expect("warnings array");
+    assert!(
+        w.iter()
+            .any(|l| l.as_str().unwrap().contains("fell behind")),
+        "{w:?}"
+    );
 }

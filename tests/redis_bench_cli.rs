@@ -83,3 +83,61 @@ fn bench_against_a_cluster_by_one_seed_address() {
         assert!(keys > 0, "node {i} holds claims");
     }
 }
+
+/// A store that stops answering mid-run makes claims fail open: the run says
+/// so (stderr and JSON) instead of passing them off as fast claims.
+#[test]
+fn a_run_whose_claims_fail_open_warns_about_it() {
+    require_redis();
+    let server = RedisServer::start();
+    let json = std::env::temp_dir().join(format!(
+        "txgate-bench-warn-{}-{}.json",
+        std::process::id(),
+        support::redis::free_port()
+    ));
+    let child = Command::new(env!("CARGO_BIN_EXE_txgate"))
+        .args([
+            "bench",
+            "--backend",
+            "redis",
+            "--redis-addr",
+            &server.addr(),
+            "--duration",
+            "2s",
+            "--shards",
+            "1",
+            "--inflight",
+            "4",
+            "--op-timeout",
+            "20ms",
+            "--json",
+        ])
+        .arg(&json)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("txgate runs");
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    server.pause();
+    let out = child.wait_with_output().expect("txgate ends");
+    server.resume();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("WARNING") && err.contains("failed open"),
+        "{err}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    std::fs::remove_file(&json).ok();
+    assert!(
+        v["verdicts"]["fail_open"].as_u64().unwrap() > 0,
+        "{}",
+        v["verdicts"]
+    );
+    let w = v["warnings"].as_array().expect("warnings array");
+    assert!(
+        w.iter()
+            .any(|l| l.as_str().unwrap().contains("failed open")),
+        "{w:?}"
+    );
+}

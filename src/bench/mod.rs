@@ -94,6 +94,16 @@ fn process_cpu_ns() -> (u64, u64) {
 
 /// Most TxIDs kept for repeating; duplicates are drawn from this window.
 const WINDOW: usize = 4096;
+/// Leading bytes of a novel TxID taken from a counter: the shortest TxID the
+/// benchmark generates.
+pub const NOVEL_COUNTER_BYTES: usize = 8;
+
+/// splitmix64's finalizer: a bijection on u64.
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
 /// Claims between cooperative yields, so a shard's other tasks (inbox,
 /// maintenance) run even when claims never wait.
 const YIELD_EVERY: u32 = 64;
@@ -112,32 +122,39 @@ pub struct Stream {
     ids: Vec<u8>,
     left: Vec<u32>,
     next_slot: usize,
+    /// Novel TxIDs are a bijection of this counter (salted per shard), so
+    /// none repeats by chance.
+    novel_seq: u64,
+    salt: u64,
 }
 
 impl Stream {
     /// A stream for `shard` of `shards`.
     pub fn new(shard: usize, shards: usize, txid_len: usize, cfg: &BenchConfig) -> Self {
-        assert!((1..=TXID_LEN_MAX).contains(&txid_len));
+        assert!(
+            (NOVEL_COUNTER_BYTES..=TXID_LEN_MAX).contains(&txid_len),
+            "bench TxIDs are {NOVEL_COUNTER_BYTES}..={TXID_LEN_MAX} bytes"
+        );
+        let rng = cfg.seed ^ (shard as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         Self {
             shard: shard as u32,
             shards: shards as u32,
             txid_len,
-            rng: cfg.seed ^ (shard as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            rng,
             dup_ratio: cfg.duplicate_ratio.clamp(0.0, 1.0),
             copies: cfg.copies.max(1),
             ids: vec![0; WINDOW * txid_len],
             left: vec![0; WINDOW],
             next_slot: 0,
+            novel_seq: 0,
+            salt: mix64(rng ^ 0x5851_F42D_4C95_7F2D),
         }
     }
 
     fn rand(&mut self) -> u64 {
         // splitmix64
         self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        mix64(self.rng)
     }
 
     /// Writes the next TxID into `out` (its first `txid_len` bytes); true
@@ -155,9 +172,15 @@ impl Stream {
             }
         }
         // A novel TxID owned by this shard: expect `shards` tries; the bound
-        // only guards against a broken route.
+        // only guards against a broken route. Its first 8 bytes are a
+        // bijection of a counter, so it never equals an earlier one (a
+        // random draw could, and at short lengths often did: a false
+        // anomaly); the rest is random.
         for _ in 0..self.shards as usize * 64 + 64 {
-            for chunk in out[..n].chunks_mut(8) {
+            self.novel_seq += 1;
+            let unique = mix64(self.novel_seq ^ self.salt).to_le_bytes();
+            out[..NOVEL_COUNTER_BYTES].copy_from_slice(&unique);
+            for chunk in out[NOVEL_COUNTER_BYTES..n].chunks_mut(8) {
                 let r = self.rand().to_le_bytes();
                 chunk.copy_from_slice(&r[..chunk.len()]);
             }
@@ -270,11 +293,18 @@ async fn run_shard(
                     let t0 = match interval {
                         Some(every) => {
                             let due = started + every.mul_f64(k as f64);
+                            // A claim due after the run's end is not made:
+                            // a task must not sleep past the deadline.
+                            if deadline.is_some_and(|d| due >= d) {
+                                break;
+                            }
                             let now = Instant::now();
                             if due > now + PACE_SLACK {
                                 glommio::timer::sleep(due - now).await;
                             }
-                            due
+                            // From the scheduled start when it is late (a
+                            // stall counts), from now when it went early.
+                            due.min(Instant::now())
                         }
                         None => Instant::now(),
                     };
@@ -397,14 +427,49 @@ pub fn outcome_json(o: &BenchOutcome, cfg: &BenchConfig) -> String {
     v["verdicts"] = serde_json::json!({
         "won": c.won, "fail_open": c.fail_open, "seen": c.seen, "lost": c.lost,
         "pending": c.pending, "backend_errors": c.backend_errors,
-        "backend_timeouts": c.backend_timeouts, "anomalies": o.anomalies,
+        "backend_timeouts": c.backend_timeouts, "pending_full": c.pending_full,
+        "anomalies": o.anomalies,
     });
+    v["warnings"] = serde_json::json!(warnings(o, cfg));
     v["cpu"] = serde_json::json!({
         "user_ns": o.cpu_user_ns,
         "sys_ns": o.cpu_sys_ns,
         "ns_per_claim": cpu_ns_per_claim(o),
     });
     serde_json::to_string_pretty(&v).expect("serializable")
+}
+
+/// Share of its offered load a paced run must achieve to have kept up.
+const KEPT_UP: f64 = 0.95;
+
+/// Why a run's figures may not measure what they say, one line each: claims
+/// that failed open (counted in claims/s and in the latencies, but not store
+/// round trips), and a paced run that fell behind its offered load.
+pub fn warnings(o: &BenchOutcome, cfg: &BenchConfig) -> Vec<String> {
+    let mut w = Vec::new();
+    let c = &o.verdicts;
+    if c.fail_open > 0 {
+        w.push(format!(
+            "{} of {} claims failed open ({} store errors, {} of them timeouts, {} with the \
+             single-flight table full): claims/s and the latencies include them, so they \
+             do not measure store round trips alone",
+            c.fail_open,
+            c.claims(),
+            c.backend_errors,
+            c.backend_timeouts,
+            c.pending_full
+        ));
+    }
+    if let Some(rate) = cfg.rate {
+        let achieved = report::total_claims_per_sec(&o.result);
+        if achieved < KEPT_UP * rate {
+            w.push(format!(
+                "offered {rate:.0} claims/s, achieved {achieved:.0}: the run fell behind its \
+                 pacing, and claims due but never made are not in the latencies"
+            ));
+        }
+    }
+    w
 }
 
 /// User + system CPU of the whole process during the run, per claim.

@@ -121,9 +121,9 @@ fn bench_command() -> (Command, cache::flags::CacheFlags) {
         .arg(
             arg("txid-len", "TXGATE_TXID_LEN")
                 .value_name("BYTES")
-                .value_parser(value_parser!(u64).range(1..=64))
+                .value_parser(value_parser!(u64).range(8..=64))
                 .default_value("16")
-                .help("TxID length"),
+                .help("TxID length (at least 8: novel TxIDs come from a 64-bit counter, so none repeats)"),
         )
         .next_help_heading("Output")
         .arg(
@@ -343,6 +343,9 @@ fn run_bench(cmd: &mut Command, m: &ArgMatches, store: &cache::flags::CacheFlags
             ttl: *m.get_one::<Duration>("ttl").expect("default"),
             // Short enough that key and value stay inline in the memory backend.
             key_prefix: format!("txb:{:x}:", seed as u32).into_bytes(),
+            // Room for every claim in flight: past the single-flight bound a
+            // claim fails open without asking the store.
+            pending_max: TxIdSetConfig::default().pending_max.max(bench_cfg.inflight),
             ..Default::default()
         },
         ..Default::default()
@@ -351,7 +354,7 @@ fn run_bench(cmd: &mut Command, m: &ArgMatches, store: &cache::flags::CacheFlags
         Err(e) => return fail(&format!("starting shards on cores {cores:?}: {e}")),
     };
     println!(
-        "txgate bench: backend {backend_name}, {} shards on cores {:?}, {}, duplicate ratio {}, copies {}, inflight {}",
+        "txgate bench: backend {backend_name}, {} shards on cores {:?}, {}, duplicate ratio {}, copies {}, inflight {}, {}",
         engine.shards(),
         engine.cores(),
         match stop {
@@ -361,6 +364,10 @@ fn run_bench(cmd: &mut Command, m: &ArgMatches, store: &cache::flags::CacheFlags
         bench_cfg.duplicate_ratio,
         bench_cfg.copies,
         bench_cfg.inflight,
+        match bench_cfg.rate {
+            Some(r) => format!("paced at {r} claims/s (open loop)"),
+            None => "closed loop".to_owned(),
+        },
     );
     let outcome = match bench::run(&engine, backend_name, &bench_cfg) {
         Ok(o) => o,
@@ -372,6 +379,9 @@ fn run_bench(cmd: &mut Command, m: &ArgMatches, store: &cache::flags::CacheFlags
     print!("{}", report::render_table(&outcome.result));
     println!("{}", bench::verdict_line(&outcome));
     println!("{}", bench::cpu_line(&outcome));
+    for w in bench::warnings(&outcome, &bench_cfg) {
+        eprintln!("txgate bench: WARNING: {w}");
+    }
     if let Some(path) = m.get_one::<PathBuf>("json") {
         if let Err(e) = std::fs::write(path, bench::outcome_json(&outcome, &bench_cfg)) {
             return fail(&format!("writing {}: {e}", path.display()));
