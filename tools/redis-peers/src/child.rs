@@ -39,7 +39,26 @@ impl Exit {
 
 /// Makes `cmd`'s process run on `core` only and die with its parent (so a
 /// Ctrl-C or crash of this tool never leaves a server or a peer behind).
+/// Starts `cmd` with no signals blocked: this tool blocks SIGTERM, SIGINT and
+/// SIGHUP in every thread (one thread takes them with `sigwait`), and a
+/// child inherits the mask, so it would otherwise ignore a plain `kill`.
+pub fn unblocked_signals(cmd: &mut Command) {
+    // SAFETY: the closure runs between fork and exec and only calls
+    // sigemptyset and pthread_sigmask (async-signal-safe) on stack data.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            match libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) {
+                0 => Ok(()),
+                e => Err(std::io::Error::from_raw_os_error(e)),
+            }
+        });
+    }
+}
+
 pub fn pin_and_tether(cmd: &mut Command, core: usize) {
+    unblocked_signals(cmd);
     // SAFETY: the closure runs between fork and exec and only makes two
     // async-signal-safe system calls on plain stack data.
     unsafe {

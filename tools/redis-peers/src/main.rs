@@ -145,7 +145,8 @@ static SCRATCH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 /// Turns SIGTERM, SIGINT and SIGHUP into removing the scratch folder (with its
 /// copy of txgate) and exiting 128 + signal; the children die with us
 /// (PR_SET_PDEATHSIG). The signals are blocked in every thread and taken by
-/// one that waits for them; children start with an empty mask (std resets it).
+/// one that waits for them; every child unblocks them before exec
+/// ([`child::unblocked_signals`]: std does not reset the mask).
 fn watch_signals() {
     // SAFETY: plain sigset manipulation on a local set, then the calling
     // thread's mask; both calls only fail on invalid arguments.
@@ -516,8 +517,9 @@ fn notes(results: &[peers::RunResult], startup_cpu_ns: Option<u64>, ops64: u64) 
 }
 
 fn first_line(bin: &str, args: &[&str]) -> String {
-    Command::new(bin)
-        .args(args)
+    let mut cmd = Command::new(bin);
+    child::unblocked_signals(&mut cmd);
+    cmd.args(args)
         .output()
         .ok()
         .and_then(|o| String::from_utf8(o.stdout).ok())
@@ -529,8 +531,9 @@ fn first_line(bin: &str, args: &[&str]) -> String {
 fn txgate_version(bin: &Path, repo: &Path) -> String {
     let v = first_line(&bin.to_string_lossy(), &["--version"]);
     let git = |args: &[&str]| {
-        Command::new("git")
-            .arg("-C")
+        let mut cmd = Command::new("git");
+        child::unblocked_signals(&mut cmd);
+        cmd.arg("-C")
             .arg(repo)
             .args(args)
             .output()
