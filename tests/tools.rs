@@ -76,6 +76,13 @@ fn exactly_once(txgate: &Path, args: &[&str]) -> (i32, Vec<(String, String)>, St
     let o = run(c);
     let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    // A run that did not pass keeps its logs; they are in `stderr` already.
+    if let Some(dir) = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("exactly-once: logs kept in "))
+    {
+        let _ = std::fs::remove_dir_all(dir.trim());
+    }
     let line = stdout
         .lines()
         .find(|l| l.starts_with("exactly-once "))
@@ -104,6 +111,19 @@ fn txgate() -> PathBuf {
 
 /// Small and slow enough for a debug build of the gate on a loaded 2-core machine.
 const SMALL: &[&str] = &["--copies", "3", "--instances", "2", "--settle-ms", "700"];
+/// A store op timeout with room for a stall of the loaded machine: at the
+/// default 50 ms a stalled redis-server makes claims fail open, which is a
+/// duplicate the healthy run would (rightly) fail on.
+const PATIENT: &[&str] = &["--serve-arg=--ingress-dedup-op-timeout=1s"];
+
+/// A directory removed however the test ends.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
 
 #[test]
 fn udp_tools_pass_their_own_tests() {
@@ -120,6 +140,7 @@ fn udp_tools_pass_their_own_tests() {
 fn exactly_once_passes_with_two_gates_sharing_a_healthy_store() {
     let mut args = vec!["--txids", "2000", "--rate", "5000"];
     args.extend_from_slice(SMALL);
+    args.extend_from_slice(PATIENT);
     let (rc, f, text) = exactly_once(&txgate(), &args);
     assert_eq!(field(&f, "result"), "PASS", "{text}");
     assert_eq!(rc, 0, "{text}");
@@ -154,9 +175,10 @@ fn exactly_once_loses_nothing_when_the_store_is_killed_mid_run() {
 /// say FAIL, and why.
 #[test]
 fn exactly_once_fails_when_the_gates_do_not_share_a_store() {
-    let dir = std::env::temp_dir().join(format!("txgate-eo-wrapper-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let wrapper = dir.join("txgate-own-store");
+    let dir =
+        TempDir(std::env::temp_dir().join(format!("txgate-eo-wrapper-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let wrapper = dir.0.join("txgate-own-store");
     std::fs::write(
         &wrapper,
         format!(
@@ -173,7 +195,6 @@ fn exactly_once_fails_when_the_gates_do_not_share_a_store() {
     let mut args = vec!["--txids", "1000", "--rate", "5000"];
     args.extend_from_slice(SMALL);
     let (rc, f, text) = exactly_once(&wrapper, &args);
-    let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(field(&f, "result"), "FAIL", "{text}");
     assert_eq!(rc, 1, "{text}");
     assert!(field(&f, "why").contains("duplicates"), "{text}");

@@ -40,14 +40,22 @@ def child_env():
 
 
 def check_cores(ap, flag, cores):
-    """Exit 2 (via argparse) when a core list names a CPU this process may not use."""
+    """Exit 2 (via argparse) when a core list ("0", "0,2", "1-3", as txgate's --cores
+    takes it) names a CPU this process may not use."""
     allowed = os.sched_getaffinity(0)
-    for c in str(cores).split(","):
-        if c == "":
+    for item in str(cores).replace(" ", "").split(","):
+        if item == "":
             continue
-        if not c.isdigit() or int(c) not in allowed:
-            ap.error(f"{flag} {cores}: core {c} is not one of this machine's usable CPUs "
-                     f"{sorted(allowed)}")
+        lo, _, hi = item.partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            ap.error(f"{flag} {cores}: {item!r} is not a core number or range")
+        wanted = range(int(lo), int(hi or lo) + 1)
+        if not wanted:
+            ap.error(f"{flag} {cores}: the range {item} is empty")
+        missing = [c for c in wanted if c not in allowed]
+        if missing:
+            ap.error(f"{flag} {cores}: core {missing[0]} is not one of this machine's usable "
+                     f"CPUs {sorted(allowed)}")
 
 
 def repo_root():
