@@ -7,8 +7,10 @@
 //!
 //! A retransmission mark lives at `prefix ‖ HashKey ‖ SeqNum ‖ ":seen"`. That
 //! is unambiguous only while every hash key has one length (a digest's): with
-//! two lengths, a mark's key is also some other frame's key. A store takes the
-//! length of the first hash key it is given and refuses any other (counted).
+//! two lengths, a mark's key is also some other frame's key. So the length is
+//! configuration ([`crate::engine::EngineConfig::frame_hash_key_len`]), the
+//! same for every shard and instance sharing the store, and a call with a
+//! hash key of another length is refused (counted).
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -48,16 +50,17 @@ pub struct FrameStore {
     prefix: Vec<u8>,
     ttl: Duration,
     counters: Cell<FrameCounters>,
-    /// The length every hash key must have: the first one's.
-    hash_key_len: Cell<Option<usize>>,
+    /// The length every hash key must have.
+    hash_key_len: usize,
 }
 
 impl FrameStore {
-    /// A store keeping frames for `ttl` under `prefix`; `None` (backend
-    /// `none`) is refused.
+    /// A store keeping frames for `ttl` under `prefix`, for hash keys of
+    /// `hash_key_len` bytes; `None` (backend `none`) is refused.
     pub fn new(
         backend: Option<Rc<ShardBackend>>,
         prefix: &[u8],
+        hash_key_len: usize,
         ttl: Duration,
     ) -> Result<Self, FrameStoreError> {
         Ok(Self {
@@ -65,20 +68,13 @@ impl FrameStore {
             prefix: prefix.to_vec(),
             ttl,
             counters: Cell::default(),
-            hash_key_len: Cell::new(None),
+            hash_key_len,
         })
     }
 
-    /// Whether `hash_key` has the store's hash key length (the first call
-    /// sets it); counts a refusal.
+    /// Whether `hash_key` has the store's hash key length; counts a refusal.
     fn key_fits(&self, hash_key: &[u8]) -> bool {
-        let len = match self.hash_key_len.get() {
-            Some(len) => len,
-            None => {
-                self.hash_key_len.set(Some(hash_key.len()));
-                hash_key.len()
-            }
-        };
+        let len = self.hash_key_len;
         let fits = len == hash_key.len();
         if !fits {
             tracing::debug!(
@@ -193,7 +189,7 @@ mod tests {
 
     #[test]
     fn refuses_the_none_backend() {
-        let e = FrameStore::new(None, b"f:", Duration::from_secs(1))
+        let e = FrameStore::new(None, b"f:", 4, Duration::from_secs(1))
             .err()
             .unwrap();
         assert_eq!(e, FrameStoreError::NoBackend);
@@ -203,7 +199,7 @@ mod tests {
     #[test]
     fn put_get_and_retransmission_dedup() {
         let b = Rc::new(ShardBackend::Memory(MemoryBackend::new(0).shard(0, 1)));
-        let fs = FrameStore::new(Some(b), b"f:", Duration::from_secs(60)).unwrap();
+        let fs = FrameStore::new(Some(b), b"f:", 4, Duration::from_secs(60)).unwrap();
         assert!(run(fs.put(b"hash", 1, b"frame-1")));
         assert_eq!(run(fs.get(b"hash", 1)).as_deref(), Some(&b"frame-1"[..]));
         assert_eq!(run(fs.get(b"hash", 2)), None);
@@ -219,7 +215,7 @@ mod tests {
     #[test]
     fn a_mark_is_never_served_as_a_frame() {
         let b = Rc::new(ShardBackend::Memory(MemoryBackend::new(0).shard(0, 1)));
-        let fs = FrameStore::new(Some(b), b"f:", Duration::from_secs(60)).unwrap();
+        let fs = FrameStore::new(Some(b), b"f:", 9, Duration::from_secs(60)).unwrap();
         let (h, seq) = (b"hashkey-A".as_slice(), 0x0102_0304_0506_0708u64);
         assert!(run(fs.first_sighting(h, seq)));
         let be = seq.to_be_bytes();
@@ -242,7 +238,7 @@ mod tests {
             .connect_shard(0, 1)
             .await
             .unwrap();
-        let fs = FrameStore::new(Some(Rc::new(b)), b"f:", Duration::from_secs(60)).unwrap();
+        let fs = FrameStore::new(Some(Rc::new(b)), b"f:", 1, Duration::from_secs(60)).unwrap();
         assert!(fs.put(b"h", 1, b"x").await);
         fault.set_mode(FaultMode::Error);
         assert_eq!(fs.get(b"h", 1).await, None);

@@ -49,6 +49,9 @@ pub struct EngineConfig {
     /// Key prefix and TTL of each shard's frame store (built when there is a
     /// backend).
     pub frame_prefix: Vec<u8>,
+    /// Length of the frame store's hash keys (a digest's); one value for
+    /// every instance sharing the store (see [`FrameStore`]).
+    pub frame_hash_key_len: usize,
     pub frame_ttl: Duration,
     /// Bound on the whole start-up: executors, backend connections.
     pub start_timeout: Duration,
@@ -67,6 +70,7 @@ impl Default for EngineConfig {
             inbox_capacity: 1024,
             jobs_max: 4096,
             frame_prefix: b"txgate:frame:".to_vec(),
+            frame_hash_key_len: 32,
             frame_ttl: Duration::from_secs(30),
             start_timeout: Duration::from_secs(10),
             spin_before_park: Duration::ZERO,
@@ -586,6 +590,7 @@ async fn run_shard(index: usize, core: usize, shards: usize, config: EngineConfi
             Some(b) => Some(FrameStore::new(
                 Some(b.clone()),
                 &config.frame_prefix,
+                config.frame_hash_key_len,
                 config.frame_ttl,
             )?),
             None => None,
