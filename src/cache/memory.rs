@@ -44,8 +44,9 @@ use crate::clock;
 /// Expired entries dropped per sweep, per shard.
 pub const SWEEP_BUDGET: usize = 1024;
 const NO_DEADLINE: u64 = u64::MAX;
-/// Most keys a partition's table and FIFO are sized for up front (past it,
-/// they grow).
+/// Most keys a partition's table and FIFO are sized for up front: a larger
+/// share starts at this size and grows as it fills (each doubling a stall of
+/// seconds at that size).
 const PRESIZE_KEYS_MAX: usize = 16 << 20;
 /// How many novel inserts ahead a full partition prefetches its eviction
 /// victim: far enough for the miss to land, near enough to stay cached.
