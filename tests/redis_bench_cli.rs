@@ -84,14 +84,17 @@ fn bench_against_a_cluster_by_one_seed_address() {
     }
 }
 
-/// A store that stops answering mid-run makes claims fail open: the run says
-/// so (stderr and JSON) instead of passing them off as fast claims.
-#[test]
-fn a_run_whose_claims_fail_open_warns_about_it() {
-    require_redis();
-    let server = RedisServer::start();
+/// Runs a one-shard `txgate bench` against `server` for `duration`, doing
+/// `fault` to the server `fault_after` into the run; the run's stderr and
+/// its JSON.
+fn bench_through_a_fault(
+    server: &RedisServer,
+    args: &[&str],
+    fault_after: std::time::Duration,
+    fault: impl FnOnce(&RedisServer),
+) -> (String, serde_json::Value) {
     let json = std::env::temp_dir().join(format!(
-        "txgate-bench-warn-{}-{}.json",
+        "txgate-bench-fault-{}-{}.json",
         std::process::id(),
         support::redis::free_port()
     ));
@@ -102,31 +105,20 @@ fn a_run_whose_claims_fail_open_warns_about_it() {
             "redis",
             "--redis-addr",
             &server.addr(),
-            "--duration",
-            "2s",
-            "--shards",
-            "1",
-            "--inflight",
-            "4",
-            "--op-timeout",
-            "20ms",
-            "--json",
         ])
+        .args(["--shards", "1", "--duplicate-ratio", "0"])
+        .args(args)
+        .arg("--json")
         .arg(&json)
-        .stdout(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("txgate runs");
-    std::thread::sleep(std::time::Duration::from_millis(700));
-    server.pause();
+    std::thread::sleep(fault_after);
+    fault(server);
     let out = child.wait_with_output().expect("txgate ends");
-    server.resume();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{err}");
-    assert!(
-        err.contains("WARNING") && err.contains("failed open"),
-        "{err}"
-    );
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     std::fs::remove_file(&json).ok();
     assert!(
@@ -134,10 +126,67 @@ fn a_run_whose_claims_fail_open_warns_about_it() {
         "{}",
         v["verdicts"]
     );
+    (err, v)
+}
+
+/// A store that stops answering mid-run makes claims fail open: the run says
+/// so (stderr and JSON) instead of passing them off as fast claims.
+#[test]
+fn a_run_whose_claims_fail_open_warns_about_it() {
+    require_redis();
+    let server = RedisServer::start();
+    let args = [
+        "--duration",
+        "2s",
+        "--inflight",
+        "4",
+        "--op-timeout",
+        "20ms",
+    ];
+    let (err, v) = bench_through_a_fault(
+        &server,
+        &args,
+        std::time::Duration::from_millis(700),
+        RedisServer::pause,
+    );
+    server.resume();
+    assert!(
+        err.contains("WARNING") && err.contains("failed open"),
+        "{err}"
+    );
     let w = v["warnings"].as_array().expect("warnings array");
     assert!(
         w.iter()
             .any(|l| l.as_str().unwrap().contains("failed open")),
         "{w:?}"
+    );
+}
+
+/// A store that refuses every call (killed mid-run) fails claims at once, so
+/// the benchmark's tasks never wait; its executor must still turn often
+/// enough for the op-timeout sweep: no claim may take much past the op
+/// timeout (with glommio's 100 ms preempt timer one took 1.56 s).
+#[test]
+fn no_claim_outlasts_its_op_timeout_when_the_store_dies_mid_run() {
+    require_redis();
+    let server = RedisServer::start();
+    let args = [
+        "--duration",
+        "3s",
+        "--inflight",
+        "16",
+        "--op-timeout",
+        "50ms",
+    ];
+    let (_, v) = bench_through_a_fault(
+        &server,
+        &args,
+        std::time::Duration::from_millis(800),
+        RedisServer::kill9,
+    );
+    let max_ns = v["total"]["novel"]["max_ns"].as_u64().unwrap();
+    assert!(
+        max_ns < 1_000_000_000,
+        "a claim took {max_ns} ns against a 50 ms op timeout"
     );
 }

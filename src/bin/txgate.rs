@@ -336,6 +336,8 @@ fn run_bench(cmd: &mut Command, m: &ArgMatches, store: &cache::flags::CacheFlags
     let engine = match Engine::start(EngineConfig {
         cores: cores.clone(),
         spin_before_park: *m.get_one::<Duration>("spin-before-park").expect("default"),
+        // Its claim tasks never wait while a store fails at once.
+        preempt_every: Duration::from_millis(1),
         backend,
         txidset: TxIdSetConfig {
             txid_len: *m.get_one::<u64>("txid-len").expect("default") as usize,
