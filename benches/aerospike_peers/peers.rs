@@ -1263,7 +1263,9 @@ fn find(s: &[Summary], client: Client, depth: usize) -> Option<&Summary> {
 }
 
 /// `txgate / official` of `f` at every depth: the per-depth text, and
-/// whether `ok` holds at all of them (`None` when a row is missing).
+/// whether `ok` holds at all of them (`None` when a row is missing, or when
+/// either client had failed writes at a depth: they count in its ops and
+/// its CPU per op, so a client that fails fast would look good).
 fn ratios(
     s: &[Summary],
     txgate: Client,
@@ -1277,8 +1279,16 @@ fn ratios(
         match (find(s, txgate, d), find(s, Client::Official, d)) {
             (Some(t), Some(o)) if f(o) > 0.0 => {
                 let r = f(t) / f(o);
-                parts.push(format!("depth {d}: {r:.2}x"));
-                pass = pass.map(|p| p && ok(r));
+                let errors = t.errors + o.errors;
+                if errors > 0 {
+                    parts.push(format!(
+                        "depth {d}: {r:.2}x ({errors} failed writes: no verdict)"
+                    ));
+                    pass = None;
+                } else {
+                    parts.push(format!("depth {d}: {r:.2}x"));
+                    pass = pass.map(|p| p && ok(r));
+                }
             }
             _ => pass = None,
         }
