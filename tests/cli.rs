@@ -245,4 +245,18 @@ fn a_paced_run_that_falls_behind_warns_about_it() {
             .any(|l| l.as_str().unwrap().contains("fell behind")),
         "{w:?}"
     );
+    assert_eq!(v["settings"]["txid_len"], 16, "{}", v["settings"]);
+    assert_eq!(v["settings"]["tier1_capacity"], 1024, "{}", v["settings"]);
+}
+
+/// An output file that cannot be written fails the command before the run
+/// (it used to run to the end, then lose its results).
+#[test]
+fn an_unwritable_output_fails_before_the_run() {
+    for flag in ["--json", "--plot"] {
+        let args = ["--duration", "60s", flag, "/nonexistent-dir/out"];
+        let o = txgate(&[SMALL_TIER1_ONLY, &args].concat());
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        assert!(stderr(&o).contains(flag), "{}", stderr(&o));
+    }
 }

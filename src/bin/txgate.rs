@@ -326,6 +326,17 @@ fn run_bench(cmd: &mut Command, m: &ArgMatches, store: &cache::flags::CacheFlags
         progress: std::io::stdout().is_terminal(),
         rate: m.get_one::<f64>("rate").copied(),
     };
+    // The output files are opened now: a path that cannot be written fails
+    // the command before the run, not after it (losing its results).
+    let mut outputs = Vec::new();
+    for flag in ["json", "plot"] {
+        if let Some(path) = m.get_one::<PathBuf>(flag) {
+            match std::fs::File::create(path) {
+                Ok(f) => outputs.push((flag, path.clone(), f)),
+                Err(e) => return fail(&format!("--{flag} {}: {e}", path.display())),
+            }
+        }
+    }
     let backend = match cache::open(&config) {
         Ok(b) => b,
         Err(e) => return fail(&format!("opening the {} backend: {e}", config.backend)),
@@ -384,17 +395,27 @@ fn run_bench(cmd: &mut Command, m: &ArgMatches, store: &cache::flags::CacheFlags
     for w in bench::warnings(&outcome, &bench_cfg) {
         eprintln!("txgate bench: WARNING: {w}");
     }
-    if let Some(path) = m.get_one::<PathBuf>("json") {
-        if let Err(e) = std::fs::write(path, bench::outcome_json(&outcome, &bench_cfg)) {
+    for (flag, path, mut file) in outputs {
+        let text = if flag == "json" {
+            let mut v: serde_json::Value =
+                serde_json::from_str(&bench::outcome_json(&outcome, &bench_cfg))
+                    .expect("the bench JSON parses");
+            // What the run was, beyond the stream's settings.
+            let settings = &mut v["settings"];
+            settings["cores"] = serde_json::json!(cores);
+            settings["txid_len"] = serde_json::json!(m.get_one::<u64>("txid-len"));
+            settings["tier1_capacity"] = serde_json::json!(m.get_one::<u64>("tier1-capacity"));
+            settings["ttl_ms"] =
+                serde_json::json!(m.get_one::<Duration>("ttl").map(|d| d.as_millis() as u64));
+            serde_json::to_string_pretty(&v).expect("serializable")
+        } else {
+            report::render_svg(&outcome.result)
+        };
+        use std::io::Write;
+        if let Err(e) = file.write_all(text.as_bytes()) {
             return fail(&format!("writing {}: {e}", path.display()));
         }
-        println!("json: {}", path.display());
-    }
-    if let Some(path) = m.get_one::<PathBuf>("plot") {
-        if let Err(e) = std::fs::write(path, report::render_svg(&outcome.result)) {
-            return fail(&format!("writing {}: {e}", path.display()));
-        }
-        println!("plot: {}", path.display());
+        println!("{flag}: {}", path.display());
     }
     ExitCode::SUCCESS
 }
