@@ -259,4 +259,17 @@ fn an_unwritable_output_fails_before_the_run() {
         assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
         assert!(stderr(&o).contains(flag), "{}", stderr(&o));
     }
+    // A run that fails after opening its outputs leaves none behind, empty.
+    let json = std::env::temp_dir().join(format!("txgate-cli-failed-{}.json", std::process::id()));
+    let o = txgate(&[
+        "bench",
+        "--backend",
+        "redis",
+        "--redis-addr",
+        "127.0.0.1:1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(!json.exists(), "an empty {} was left", json.display());
 }

@@ -328,11 +328,11 @@ fn run_bench(cmd: &mut Command, m: &ArgMatches, store: &cache::flags::CacheFlags
     };
     // The output files are opened now: a path that cannot be written fails
     // the command before the run, not after it (losing its results).
-    let mut outputs = Vec::new();
+    let mut outputs = Outputs(Vec::new());
     for flag in ["json", "plot"] {
         if let Some(path) = m.get_one::<PathBuf>(flag) {
             match std::fs::File::create(path) {
-                Ok(f) => outputs.push((flag, path.clone(), f)),
+                Ok(f) => outputs.0.push((flag, path.clone(), Some(f))),
                 Err(e) => return fail(&format!("--{flag} {}: {e}", path.display())),
             }
         }
@@ -395,8 +395,9 @@ fn run_bench(cmd: &mut Command, m: &ArgMatches, store: &cache::flags::CacheFlags
     for w in bench::warnings(&outcome, &bench_cfg) {
         eprintln!("txgate bench: WARNING: {w}");
     }
-    for (flag, path, mut file) in outputs {
-        let text = if flag == "json" {
+    for (flag, path, file) in outputs.0.iter_mut() {
+        let mut file = file.take().expect("written once");
+        let text = if *flag == "json" {
             let mut v: serde_json::Value =
                 serde_json::from_str(&bench::outcome_json(&outcome, &bench_cfg))
                     .expect("the bench JSON parses");
@@ -418,6 +419,20 @@ fn run_bench(cmd: &mut Command, m: &ArgMatches, store: &cache::flags::CacheFlags
         println!("{flag}: {}", path.display());
     }
     ExitCode::SUCCESS
+}
+
+/// `bench`'s output files, opened before the run; the ones not written (the
+/// run failed) are removed rather than left empty.
+struct Outputs(Vec<(&'static str, PathBuf, Option<std::fs::File>)>);
+
+impl Drop for Outputs {
+    fn drop(&mut self) {
+        for (_, path, file) in &self.0 {
+            if file.is_some() {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
 }
 
 fn fail(msg: &str) -> ExitCode {
