@@ -445,3 +445,68 @@ fn a_record_over_the_size_limit_fails_with_its_name() {
     let err = e.op_blocking(b"too-big", set).unwrap_err().to_string();
     assert!(err.contains("RECORD_TOO_BIG"), "{err}");
 }
+
+/// The same lone node among the seeds, found last at open (seeds are tried
+/// last first): its claims are not believed at open either, where no
+/// generation would move to correct the map for as long as the cluster
+/// stays calm.
+#[test]
+fn a_lone_node_among_the_seeds_is_not_believed_at_open() {
+    let server = AeroServer::start(3, "test");
+    server.leave_last();
+    let seeds = vec![server.seeds()[2].clone(), server.seeds()[0].clone()];
+    let backend = cache::open(&config(seeds)).expect("opens");
+    let e = support::engine(2, backend);
+    let before = server.requests_to(2);
+    set_batch(&server, &e, "lone", 60);
+    assert_eq!(
+        server.requests_to(2) - before,
+        0,
+        "ops went to the node outside the cluster"
+    );
+}
+
+/// A seed that accepts connections and never answers gets its share of the
+/// dial timeout, not all of it: a healthy seed after it still opens.
+#[test]
+fn a_silent_seed_does_not_starve_a_healthy_one() {
+    let server = AeroServer::start(1, "test");
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // Tried first (the last seed is visited first).
+    let seeds = vec![
+        server.seeds()[0].clone(),
+        silent.local_addr().unwrap().to_string(),
+    ];
+    let mut c = config(seeds);
+    c.dial_timeout = Duration::from_millis(600);
+    let r = cache::open(&c);
+    assert!(r.is_ok(), "open failed: {:?}", r.err());
+}
+
+/// A record written under another bin (another writer, or an earlier
+/// `--aero-bin`) holds no value of ours: `get` is a miss, not an empty
+/// value.
+#[test]
+fn a_record_without_our_bin_reads_as_a_miss() {
+    use txgate::engine::{Op, Reply};
+    let server = AeroServer::start(1, "test");
+    let mut other = config(server.seeds());
+    other.aero_bin = "w".into();
+    let writer = support::engine(1, cache::open(&other).expect("opens"));
+    let key = b"shared-key".to_vec();
+    let set = Op::Set {
+        key: key.clone(),
+        val: b"theirs".to_vec(),
+        ttl: Duration::from_secs(60),
+    };
+    assert_eq!(writer.op_blocking(&key, set).unwrap(), Reply::Set);
+    let mut ours = config(server.seeds());
+    ours.aero_bin = "v".into();
+    let reader = support::engine(1, cache::open(&ours).expect("opens"));
+    assert_eq!(
+        reader
+            .op_blocking(&key, Op::Get { key: key.clone() })
+            .unwrap(),
+        Reply::Get(None)
+    );
+}

@@ -746,7 +746,14 @@ impl AerospikeShard {
         let i = self.next_conn.get();
         self.next_conn.set(i.wrapping_add(1));
         debug_assert!(!per_node.is_empty());
-        (per_node[i % per_node.len()].clone(), d)
+        // Round-robin over the node's connections that are up: one that is
+        // redialing would fail the op while another to the same node works.
+        let n = per_node.len();
+        let pick = (0..n)
+            .map(|k| (i + k) % n)
+            .find(|&j| per_node[j].is_up())
+            .unwrap_or(i % n);
+        (per_node[pick].clone(), d)
     }
 
     async fn request(&self, key: &[u8], op: Op<'_>) -> Result<codec::Reply, CallError> {
@@ -820,11 +827,11 @@ impl AerospikeShard {
             bin: self.settings.bin,
         };
         match self.request(key, op).await {
-            Ok(r) if r.result == ResultCode::OK => Ok(Some(
-                r.bin(self.settings.bin.as_bytes())
-                    .map(|b| b.value.clone())
-                    .unwrap_or_default(),
-            )),
+            // A record without our bin (another writer's, or written under
+            // another --aero-bin) holds no value of ours: a miss.
+            Ok(r) if r.result == ResultCode::OK => {
+                Ok(r.bin(self.settings.bin.as_bytes()).map(|b| b.value.clone()))
+            }
             Ok(r) if r.result == ResultCode::NOT_FOUND => Ok(None),
             Ok(r) => Err(server_error("get", r.result)),
             Err(e) => Err(CacheError::from_call("get", e, self.settings.op_timeout)),
@@ -1009,6 +1016,10 @@ fn discover(config: &Config, namespace: &str, deadline: Instant) -> Result<Disco
     let mut nodes: Vec<Node> = Vec::new();
     let mut gens: Vec<Seen> = Vec::new();
     let mut owner = vec![u16::MAX; codec::PARTITIONS].into_boxed_slice();
+    // Per node found: its `replicas` (unless forming), and (for `members`)
+    // the ids of the peers it lists.
+    let mut replicas_of: Vec<Option<String>> = Vec::new();
+    let mut read: Vec<Option<(String, Vec<String>)>> = Vec::new();
     let mut to_visit: Vec<String> = config.aero_hosts.clone();
     let mut last_error = None;
     let mut visited = 0;
@@ -1031,7 +1042,11 @@ fn discover(config: &Config, namespace: &str, deadline: Instant) -> Result<Disco
         if nodes.iter().any(|n| n.addr == addr) {
             continue;
         }
-        let left = deadline.saturating_duration_since(Instant::now());
+        // Each host gets its share of what is left, so one that accepts and
+        // never answers cannot use up the budget of a healthy one after it.
+        let now = Instant::now();
+        let left = deadline.saturating_duration_since(now) / (to_visit.len() as u32 + 1);
+        let visit_deadline = now + left;
         let mut stream =
             match StdTcpStream::connect_timeout(&addr, left.max(Duration::from_millis(1))) {
                 Ok(s) => s,
@@ -1064,7 +1079,7 @@ fn discover(config: &Config, namespace: &str, deadline: Instant) -> Result<Disco
                 "replicas",
                 "peers-clear-std",
             ],
-            deadline,
+            visit_deadline,
         ) {
             Ok(p) => p,
             Err(CacheError::DialTimeout { addr, .. }) => {
@@ -1093,36 +1108,23 @@ fn discover(config: &Config, namespace: &str, deadline: Instant) -> Result<Disco
         // 8.1): its map is not used until the generation moves on.
         let forming = value(&pairs, "partition-generation") == Some("-1");
         listed |= forming;
-        let index = nodes.len() as u16;
         nodes.push(Node {
             id,
             addr,
             gone: false,
         });
         gens.push(Seen::of(&pairs));
-        if let Some(replicas) = value(&pairs, "replicas").filter(|_| !forming) {
-            match codec::parse_replicas_masters(replicas, namespace) {
-                Ok(Some(masters)) => {
-                    listed = true;
-                    for (p, &m) in masters.iter().enumerate() {
-                        if m {
-                            owner[p] = index;
-                        }
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    return Err(CacheError::Connect {
-                        addr: host.clone(),
-                        detail: format!("bad replicas: {e}"),
-                    });
-                }
-            }
-        }
+        replicas_of.push(
+            value(&pairs, "replicas")
+                .filter(|_| !forming)
+                .map(str::to_owned),
+        );
+        let mut peer_ids = Vec::new();
         if let Some(peers) = value(&pairs, "peers-clear-std")
             && let Ok(peers) = codec::parse_peers_clear_std(peers)
         {
             for p in peers.nodes {
+                peer_ids.push(p.id.clone());
                 for (h, port) in p.addrs {
                     let text = if h.contains(':') {
                         format!("[{h}]:{port}")
@@ -1131,6 +1133,34 @@ fn discover(config: &Config, namespace: &str, deadline: Instant) -> Result<Disco
                     };
                     to_visit.push(text);
                 }
+            }
+        }
+        read.push(Some((String::new(), peer_ids)));
+    }
+    // Only members' claims count, as when tending: a node that left the
+    // cluster and carries on alone (a seed that was taken out and restarted)
+    // claims every partition, and visited last it would own them all until
+    // some generation moved — for days, on a calm cluster.
+    let member = members(&nodes, &read);
+    for (index, replicas) in replicas_of.iter().enumerate() {
+        let Some(replicas) = replicas.as_deref().filter(|_| member[index]) else {
+            continue;
+        };
+        match codec::parse_replicas_masters(replicas, namespace) {
+            Ok(Some(masters)) => {
+                listed = true;
+                for (p, &m) in masters.iter().enumerate() {
+                    if m {
+                        owner[p] = index as u16;
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                return Err(CacheError::Connect {
+                    addr: nodes[index].addr.to_string(),
+                    detail: format!("bad replicas: {e}"),
+                });
             }
         }
     }
