@@ -510,3 +510,24 @@ fn a_record_without_our_bin_reads_as_a_miss() {
         Reply::Get(None)
     );
 }
+
+/// A namespace that refuses TTLs (nsup-period 0, the server's default since
+/// 4.9) would answer FORBIDDEN to every claim, and every claim would fail
+/// open behind a healthy `/readyz`: `open` fails closed and names the
+/// setting. Once TTLs are allowed it opens, and leaves no probe record.
+#[test]
+fn a_namespace_that_refuses_ttls_fails_open_closed_naming_the_setting() {
+    let server = AeroServer::start(1, "test");
+    server.set_forbidden_ttl(true);
+    let Err(err) = cache::open(&config(server.seeds())) else {
+        panic!("open succeeded on a namespace that refuses TTLs");
+    };
+    let err = err.to_string();
+    assert!(
+        err.contains("FORBIDDEN") && err.contains("nsup-period"),
+        "{err}"
+    );
+    server.set_forbidden_ttl(false);
+    cache::open(&config(server.seeds())).expect("opens");
+    assert_eq!(server.live_records(), 0, "the probe record is deleted");
+}

@@ -982,6 +982,7 @@ pub fn open(config: &Config) -> Result<AerospikeBackend, CacheError> {
     loop {
         match discover(config, &namespace, deadline)? {
             Discovery::Cluster(nodes, gens, owner) => {
+                probe_ttl(config, &namespace, bin, &nodes, &owner, deadline)?;
                 return start(config, namespace, bin, nodes, gens, owner);
             }
             Discovery::Forming(found) => {
@@ -995,6 +996,80 @@ pub fn open(config: &Config) -> Result<AerospikeBackend, CacheError> {
                 std::thread::sleep(FORMING_RETRY);
             }
         }
+    }
+}
+
+/// The record `open` writes (with a TTL) and deletes to learn whether the
+/// namespace takes TTLs.
+const PROBE_KEY: &[u8] = b"txgate:open-probe";
+
+/// Writes and deletes a record with a TTL. A namespace that refuses TTLs
+/// (`nsup-period 0` without `allow-ttl-without-nsup`, the server's default
+/// since 4.9) answers FORBIDDEN to every claim, which would then fail open —
+/// no dedup across instances, behind a healthy `/readyz` — so `open` fails
+/// closed and says what to set. Any other outcome (a timeout, a node not
+/// ready) is left to the claims: only the refusal is certain.
+fn probe_ttl(
+    config: &Config,
+    namespace: &str,
+    bin: BinName,
+    nodes: &[Node],
+    owner: &[u16],
+    deadline: Instant,
+) -> Result<(), CacheError> {
+    use super::blocking::round_trip;
+    let set = config.aero_set.as_bytes();
+    let digest = codec::digest(set, PROBE_KEY);
+    let master = owner[codec::partition_id(&digest) as usize] as usize;
+    let Some(node) = nodes.get(master).or(nodes.first()) else {
+        return Ok(());
+    };
+    let left = deadline.saturating_duration_since(Instant::now());
+    let Ok(mut stream) =
+        StdTcpStream::connect_timeout(&node.addr, left.max(Duration::from_millis(1)))
+    else {
+        return Ok(());
+    };
+    let set_timeout = |s: &StdTcpStream, left: Duration| {
+        s.set_read_timeout(Some(left))?;
+        s.set_write_timeout(Some(left))
+    };
+    let mut ask = |op: Op<'_>| {
+        let mut out = Vec::new();
+        let req = Request {
+            namespace: namespace.as_bytes(),
+            set,
+            digest: &digest,
+            timeout_ms: left.as_millis().clamp(1, u32::MAX as u128) as u32,
+            op,
+        };
+        codec::encode_request(&req, &mut out).ok()?;
+        round_trip(
+            &mut stream,
+            set_timeout,
+            &out,
+            deadline,
+            1 << 20,
+            codec::parse_reply,
+        )
+        .ok()
+    };
+    let wrote = ask(Op::Set {
+        ttl: ttl_of(Duration::from_secs(60)),
+        bin,
+        value: b"probe",
+    });
+    match wrote {
+        Some(r) if r.result == ResultCode::FORBIDDEN => Err(CacheError::Config(format!(
+            "namespace '{namespace}' refuses records with a TTL (FORBIDDEN from {}): every \
+             claim would fail open; give it nsup-period > 0 (or allow-ttl-without-nsup true)",
+            node.addr
+        ))),
+        Some(r) if r.result == ResultCode::OK => {
+            let _ = ask(Op::Del);
+            Ok(())
+        }
+        _ => Ok(()),
     }
 }
 
