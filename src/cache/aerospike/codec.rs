@@ -7,7 +7,8 @@
 //! so every byte is unit-tested and the parsers are fuzzed directly
 //! (`fuzz/fuzz_targets/aerospike_reply.rs`). Replies come from the network:
 //! parsers return a [`CodecError`] for any malformed input, never panic, and
-//! allocate no more than the input's own size.
+//! allocate in proportion to the input (plus fixed tables: a partition map is
+//! always 4096 entries), never to a length the input merely claims.
 //!
 //! Frame layout (big-endian): an 8-byte proto header (version 2, type, 48-bit
 //! body length), then for AS_MSG a 22-byte message header, fields

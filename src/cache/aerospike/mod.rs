@@ -363,9 +363,10 @@ impl Seen {
 /// The tending loop: while the backend lives, poll every node's
 /// `partition-generation` and `peers-generation` each [`TEND_INTERVAL`]; on
 /// a peers change, add the nodes that joined; on any change, rebuild the
-/// owner map from `replicas` and publish it. Bounded per round by the dial
-/// timeout per node and by [`codec::PEERS_MAX`] nodes; ends when the backend
-/// is dropped.
+/// owner map from `replicas` and publish it. Bounded per round by a few
+/// dial timeouts per node (the poll, the `replicas` and peers reads, each new
+/// peer address tried) and by [`codec::PEERS_MAX`] nodes; ends when the
+/// backend is dropped.
 fn tend(weak: Weak<Settings>, mut seen: Vec<Seen>) {
     let conns = RefCell::new(InfoConns::default());
     // Per node: whether another node listed it as a peer when the map was
@@ -848,8 +849,9 @@ impl AerospikeShard {
     }
 
     /// Info `status` on every node the current map names as a master (all
-    /// known nodes when it names none) within the dial timeout; cold path. A
-    /// node the cluster no longer uses does not make the store unhealthy.
+    /// known nodes when it names none), one after another, each within the
+    /// dial timeout; cold path. A node the cluster no longer uses does not
+    /// make the store unhealthy.
     pub async fn healthy(&self) -> bool {
         let (_, owner) = current_owner(&self.settings);
         let nodes = nodes_of(&self.settings);
