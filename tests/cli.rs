@@ -180,18 +180,13 @@ fn bench_runs_and_writes_json_and_svg() {
 #[test]
 fn unreachable_backends_are_runtime_errors_not_usage_errors() {
     // Redis is validated by flags and refused at open in this build: exit 1.
-    let o = txgate(&[
-        "bench",
-        "--backend",
-        "redis",
-        "--redis-addr",
-        "127.0.0.1:1",
-        "--claims",
-        "10",
-    ]);
+    let o = txgate(&[UNREACHABLE_REDIS, &["--claims", "10"]].concat());
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("redis"), "{}", stderr(&o));
 }
+
+/// A Redis bench against a port nothing listens on.
+const UNREACHABLE_REDIS: &[&str] = &["bench", "--backend", "redis", "--redis-addr", "127.0.0.1:1"];
 
 /// A one-shard tier-1-only bench with a small table: quick to start.
 const SMALL_TIER1_ONLY: &[&str] = &[
@@ -261,15 +256,7 @@ fn an_unwritable_output_fails_before_the_run() {
     }
     // A run that fails after opening its outputs leaves none behind, empty.
     let json = std::env::temp_dir().join(format!("txgate-cli-failed-{}.json", std::process::id()));
-    let o = txgate(&[
-        "bench",
-        "--backend",
-        "redis",
-        "--redis-addr",
-        "127.0.0.1:1",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
+    let o = txgate(&[UNREACHABLE_REDIS, &["--json", json.to_str().unwrap()]].concat());
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(!json.exists(), "an empty {} was left", json.display());
 }
