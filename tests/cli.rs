@@ -242,6 +242,21 @@ fn a_paced_run_that_falls_behind_warns_about_it() {
     );
     assert_eq!(v["settings"]["txid_len"], 16, "{}", v["settings"]);
     assert_eq!(v["settings"]["tier1_capacity"], 1024, "{}", v["settings"]);
+    // Made and unmade claims together are the schedule: 10^8/s for 300 ms.
+    let made = ["won", "fail_open", "seen", "lost", "pending"]
+        .iter()
+        .map(|k| v["verdicts"][k].as_u64().expect("verdict count"))
+        .sum::<u64>();
+    let unmade = v["unmade"]["claims"].as_u64().expect("unmade.claims");
+    assert!(unmade > 0, "{}", v["unmade"]);
+    assert!(
+        (29_900_000..=30_000_100).contains(&(made + unmade)),
+        "made {made} + unmade {unmade} is not the 30 M claims due"
+    );
+    let wait_ms = v["unmade"]["oldest_wait_ms"]
+        .as_f64()
+        .expect("oldest_wait_ms");
+    assert!((1.0..=300.0).contains(&wait_ms), "{}", v["unmade"]);
 }
 
 /// An output file that cannot be written fails the command before the run

@@ -78,6 +78,37 @@ pub struct BenchOutcome {
     /// cores, CPU per claim is what a deployment pays.
     pub cpu_user_ns: u64,
     pub cpu_sys_ns: u64,
+    /// Paced duration runs only: claims due before the end that were never
+    /// made. Their latency is missing from the histograms, so a run that
+    /// fell behind must say how much it left out.
+    pub unmade: Unmade,
+}
+
+/// Claims a paced run scheduled before its end but never started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Unmade {
+    /// How many, over all shards.
+    pub claims: u64,
+    /// How long the oldest of them had been due when the run ended, ns: a
+    /// lower bound on the latency it would have had.
+    pub oldest_wait_ns: u64,
+}
+
+/// What a paced shard left unmade: claims `made..due` of a schedule with one
+/// claim every `every` from `started`, the run ending at `deadline`.
+fn unmade(started: Instant, every: Duration, deadline: Instant, made: u64) -> Unmade {
+    let span = deadline.saturating_duration_since(started);
+    // Claim k is due at started + k·every; those with a due time before the
+    // deadline were owed.
+    let due = span.as_nanos().div_ceil(every.as_nanos().max(1)) as u64;
+    if made >= due {
+        return Unmade::default();
+    }
+    let oldest_due = started + every.mul_f64(made as f64);
+    Unmade {
+        claims: due - made,
+        oldest_wait_ns: deadline.saturating_duration_since(oldest_due).as_nanos() as u64,
+    }
 }
 
 /// This process's (user, system) CPU time so far, ns.
@@ -225,10 +256,13 @@ pub fn run(engine: &Engine, backend: &str, cfg: &BenchConfig) -> Result<BenchOut
     let mut verdicts = ClaimCounters::default();
     let (mut dups, mut anomalies) = (0u64, 0u64);
     let mut results = Vec::with_capacity(shards);
-    for (r, c, a) in per_shard {
+    let mut unmade = Unmade::default();
+    for (r, c, a, u) in per_shard {
         verdicts.add(&c);
         dups += r.duplicate.as_slice().iter().sum::<u64>();
         anomalies += a;
+        unmade.claims += u.claims;
+        unmade.oldest_wait_ns = unmade.oldest_wait_ns.max(u.oldest_wait_ns);
         results.push(r);
     }
     let claims = verdicts.claims().max(1);
@@ -243,6 +277,7 @@ pub fn run(engine: &Engine, backend: &str, cfg: &BenchConfig) -> Result<BenchOut
         anomalies,
         cpu_user_ns: cpu_after.0.saturating_sub(cpu_before.0),
         cpu_sys_ns: cpu_after.1.saturating_sub(cpu_before.1),
+        unmade,
     })
 }
 
@@ -250,7 +285,7 @@ async fn run_shard(
     s: Rc<crate::engine::Shard>,
     cfg: BenchConfig,
     done: Arc<AtomicU64>,
-) -> (ShardResult, ClaimCounters, u64) {
+) -> (ShardResult, ClaimCounters, u64, Unmade) {
     let before = s.txids().counters();
     let quota = match cfg.stop {
         Stop::Claims(n) => {
@@ -269,6 +304,7 @@ async fn run_shard(
         duplicate: RefCell::new(new_histogram()),
         novel: RefCell::new(new_histogram()),
         issued: Cell::new(0),
+        made: Cell::new(0),
         anomalies: Cell::new(0),
     });
     let started = Instant::now();
@@ -308,6 +344,7 @@ async fn run_shard(
                         }
                         None => Instant::now(),
                     };
+                    st.made.set(st.made.get() + 1);
                     let v = s.txids().claim(&id[..txid_len]).await;
                     let t1 = Instant::now();
                     let ns = (t1 - t0).as_nanos() as u64;
@@ -339,6 +376,10 @@ async fn run_shard(
     let elapsed_ns = started.elapsed().as_nanos() as u64;
     let after = s.txids().counters();
     let state = Rc::try_unwrap(state).ok().expect("all tasks joined");
+    let unmade = match (interval, deadline) {
+        (Some(every), Some(deadline)) => unmade(started, every, deadline, state.made.get()),
+        _ => Unmade::default(),
+    };
     (
         ShardResult {
             shard: s.index(),
@@ -349,6 +390,7 @@ async fn run_shard(
         },
         diff(&after, &before),
         state.anomalies.get(),
+        unmade,
     )
 }
 
@@ -357,6 +399,9 @@ struct ShardRun {
     duplicate: RefCell<histogram::Histogram>,
     novel: RefCell<histogram::Histogram>,
     issued: Cell<u64>,
+    /// Claims started (`issued` also counts the one a task drew and then
+    /// left because it was due after the end).
+    made: Cell<u64>,
     anomalies: Cell<u64>,
 }
 
@@ -430,6 +475,12 @@ pub fn outcome_json(o: &BenchOutcome, cfg: &BenchConfig) -> String {
         "backend_timeouts": c.backend_timeouts, "pending_full": c.pending_full,
         "anomalies": o.anomalies,
     });
+    if cfg.rate.is_some() {
+        v["unmade"] = serde_json::json!({
+            "claims": o.unmade.claims,
+            "oldest_wait_ms": o.unmade.oldest_wait_ns as f64 / 1e6,
+        });
+    }
     v["warnings"] = serde_json::json!(warnings(o, cfg));
     v["cpu"] = serde_json::json!({
         "user_ns": o.cpu_user_ns,
@@ -465,7 +516,10 @@ pub fn warnings(o: &BenchOutcome, cfg: &BenchConfig) -> Vec<String> {
         if achieved < KEPT_UP * rate {
             w.push(format!(
                 "offered {rate:.0} claims/s, achieved {achieved:.0}: the run fell behind its \
-                 pacing, and claims due but never made are not in the latencies"
+                 pacing; {} claims due before the end were never made (the oldest had \
+                 waited {:.1} ms) and are not in the latencies",
+                o.unmade.claims,
+                o.unmade.oldest_wait_ns as f64 / 1e6
             ));
         }
     }
@@ -531,6 +585,23 @@ mod tests {
         }
         let ratio = dups as f64 / 100_000.0;
         assert!((0.45..0.55).contains(&ratio), "{ratio}");
+    }
+
+    #[test]
+    fn unmade_claims_are_the_schedule_past_those_made() {
+        let t0 = Instant::now();
+        let every = Duration::from_millis(1);
+        let end = t0 + Duration::from_millis(100);
+        // Claims 0..=99 were due before the end.
+        assert_eq!(unmade(t0, every, end, 100), Unmade::default());
+        assert_eq!(unmade(t0, every, end, 120), Unmade::default());
+        let u = unmade(t0, every, end, 40);
+        assert_eq!(u.claims, 60);
+        assert_eq!(u.oldest_wait_ns, 60_000_000);
+        // A deadline not on the grid still owes the claim due just before it.
+        let u = unmade(t0, every, end + Duration::from_micros(500), 100);
+        assert_eq!(u.claims, 1);
+        assert_eq!(u.oldest_wait_ns, 500_000);
     }
 
     #[test]
