@@ -376,6 +376,49 @@ fn fault_knobs() {
     assert_eq!(fresh.call(get(), b"ttl").result, ResultCode::OK);
 }
 
+/// The tending knobs: one node's `replicas` stops parsing (the others'
+/// still parse, and the generation moves at each change), and phantom peers
+/// are listed by every node under their own ids.
+#[test]
+fn bad_replicas_and_phantom_peers() {
+    let server = AeroServer::start(3, NS);
+    let mut on1 = Conn::open(server.node_addr(1));
+    let mut on2 = Conn::open(server.node_addr(2));
+    let generation = on1.info1("partition-generation");
+    server.set_bad_replicas(1, true);
+    assert_ne!(on1.info1("partition-generation"), generation);
+    assert!(matches!(
+        codec::parse_replicas_masters(&on1.info1("replicas"), NS),
+        Err(codec::CodecError::Replicas { .. })
+    ));
+    let masters = codec::parse_replicas_masters(&on2.info1("replicas"), NS)
+        .unwrap()
+        .unwrap();
+    assert!((0..PARTITIONS).all(|p| masters[p] == (server.master_of(p as u16) == 2)));
+    server.set_bad_replicas(1, false);
+    assert!(
+        codec::parse_replicas_masters(&on1.info1("replicas"), NS)
+            .unwrap()
+            .is_some()
+    );
+    let phantoms: Vec<SocketAddr> = (0..3)
+        .map(|i| format!("127.0.0.1:{}", 4000 + i).parse().unwrap())
+        .collect();
+    server.list_phantoms(&phantoms);
+    let peers = codec::parse_peers_clear_std(&on2.info1("peers-clear-std")).unwrap();
+    for (i, a) in phantoms.iter().enumerate() {
+        let id = AeroServer::phantom_id(i);
+        assert!(
+            peers
+                .nodes
+                .iter()
+                .any(|p| p.id == id && p.addrs == [("127.0.0.1".to_owned(), a.port())]),
+            "{id} at {a}: {peers:?}"
+        );
+    }
+    assert_eq!(AeroServer::phantom_id(0), support::aerospike::PHANTOM_ID);
+}
+
 #[test]
 fn garbage_closes_the_connection_and_drop_ends_everything() {
     let server = AeroServer::start(3, NS);

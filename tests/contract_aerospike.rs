@@ -7,6 +7,7 @@ mod support;
 use std::time::Duration;
 
 use support::aerospike::AeroServer;
+use txgate::cache::aerospike::AerospikeBackend;
 use txgate::cache::{self, BackendKind, Config};
 use txgate::engine::Engine;
 
@@ -19,6 +20,17 @@ fn config(seeds: Vec<String>) -> Config {
         dial_timeout: Duration::from_secs(2),
         ..Config::default()
     }
+}
+
+/// Opens an Aerospike backend: the backend for an engine, and a handle on
+/// it for the tending counters.
+fn open_aerospike(cfg: &Config) -> (Option<txgate::cache::Backend>, AerospikeBackend) {
+    let backend = cache::open(cfg).expect("opens");
+    let Some(txgate::cache::Backend::Aerospike(ref a)) = backend else {
+        panic!("an aerospike backend")
+    };
+    let handle = a.clone();
+    (backend, handle)
 }
 
 fn engine_on(nodes: usize) -> (AeroServer, Engine) {
@@ -198,10 +210,7 @@ fn a_node_that_left_and_claims_everything_alone_is_not_believed() {
     // Where two nodes claim a partition the one found later wins, so the
     // node that will leave must not be found first, or the others' claims
     // would override all of its own anyway: seed from node 0 alone.
-    let backend = cache::open(&config(vec![server.seeds()[0].clone()])).expect("opens");
-    let Some(txgate::cache::Backend::Aerospike(ref a)) = backend else {
-        panic!("an aerospike backend")
-    };
+    let (backend, a) = open_aerospike(&config(vec![server.seeds()[0].clone()]));
     assert_ne!(a.node_ids().first(), Some(&server.node_id(2)));
     let handle = a.clone();
     let e = support::engine(4, backend);
@@ -257,10 +266,7 @@ fn a_node_that_left_and_claims_everything_alone_is_not_believed() {
 #[test]
 fn a_node_that_moves_to_a_new_address_is_followed_there() {
     let mut server = AeroServer::start(3, "test");
-    let backend = cache::open(&config(server.seeds())).expect("opens");
-    let Some(txgate::cache::Backend::Aerospike(ref a)) = backend else {
-        panic!("an aerospike backend")
-    };
+    let (backend, a) = open_aerospike(&config(server.seeds()));
     let handle = a.clone();
     let e = support::engine(2, backend);
     assert_eq!(set_batch(&server, &e, "before", 60), 0);
@@ -300,10 +306,7 @@ fn an_unanswering_peer_is_tried_once_a_round() {
     let server = AeroServer::start(3, "test");
     let mut cfg = config(server.seeds());
     cfg.dial_timeout = Duration::from_millis(100);
-    let backend = cache::open(&cfg).expect("opens");
-    let Some(txgate::cache::Backend::Aerospike(ref a)) = backend else {
-        panic!("an aerospike backend")
-    };
+    let (_backend, a) = open_aerospike(&cfg);
     // Accepts and never answers; counts the tries.
     let silent = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = silent.local_addr().unwrap();
@@ -330,10 +333,7 @@ fn an_unanswering_peer_is_tried_once_a_round() {
 fn a_node_that_joins_after_open_is_found_dialed_and_given_its_partitions() {
     // Three nodes listen; two form the cluster at open, the third joins later.
     let server = AeroServer::start_partial(3, 2, "test");
-    let backend = cache::open(&config(vec![server.seeds()[0].clone()])).expect("opens");
-    let Some(txgate::cache::Backend::Aerospike(ref a)) = backend else {
-        panic!("an aerospike backend")
-    };
+    let (backend, a) = open_aerospike(&config(vec![server.seeds()[0].clone()]));
     assert_eq!(a.node_ids().len(), 2, "two nodes at open");
     let handle = a.clone();
     let e = support::engine(2, backend);
@@ -362,10 +362,7 @@ fn a_node_that_joins_after_open_is_found_dialed_and_given_its_partitions() {
 #[test]
 fn tending_keeps_its_info_connection_between_rounds() {
     let server = AeroServer::start(1, "test");
-    let backend = cache::open(&config(server.seeds())).expect("opens");
-    let Some(txgate::cache::Backend::Aerospike(ref a)) = backend else {
-        panic!("an aerospike backend")
-    };
+    let (backend, a) = open_aerospike(&config(server.seeds()));
     // Let the first tending round dial its connection, then watch three more.
     std::thread::sleep(Duration::from_millis(1500));
     let before = server.connections_opened();
@@ -530,4 +527,185 @@ fn a_namespace_that_refuses_ttls_fails_open_closed_naming_the_setting() {
     server.set_forbidden_ttl(false);
     cache::open(&config(server.seeds())).expect("opens");
     assert_eq!(server.live_records(), 0, "the probe record is deleted");
+}
+
+/// `n` keys tagged `tag` whose partitions one of `nodes` masters in the
+/// map the server reports now (keys in the default set, `txgate`).
+fn keys_mastered_by(server: &AeroServer, nodes: &[usize], tag: &str, n: usize) -> Vec<Vec<u8>> {
+    use txgate::cache::aerospike::codec;
+    (0..)
+        .map(|i| format!("{tag}:{i}").into_bytes())
+        .filter(|k| {
+            let p = codec::partition_id(&codec::digest(b"txgate", k));
+            nodes.contains(&server.master_of(p))
+        })
+        .take(n)
+        .collect()
+}
+
+/// Writes `keys` through the engine; returns how many the server proxied.
+fn set_keys(server: &AeroServer, e: &Engine, keys: &[Vec<u8>]) -> u64 {
+    use txgate::engine::{Op, Reply};
+    let before = server.proxied();
+    for key in keys {
+        let set = Op::Set {
+            key: key.clone(),
+            val: key.clone(),
+            ttl: Duration::from_secs(60),
+        };
+        assert_eq!(e.op_blocking(key, set).unwrap(), Reply::Set);
+    }
+    server.proxied() - before
+}
+
+/// One node answering a `replicas` value that does not parse is left out
+/// of the map at open, counted, and the others' claims make the map: until
+/// the fix `open` failed outright. With no usable answer at all, `open`
+/// fails naming the node and the problem.
+#[test]
+fn open_leaves_out_a_node_whose_replicas_answer_does_not_parse() {
+    let server = AeroServer::start(3, "test");
+    server.set_bad_replicas(1, true);
+    let backend = cache::open(&config(server.seeds())).expect("opens on the other nodes' claims");
+    let Some(txgate::cache::Backend::Aerospike(ref a)) = backend else {
+        panic!("an aerospike backend")
+    };
+    assert_eq!(a.node_ids().len(), 3, "the node is still known");
+    assert_eq!(a.replicas_refused(), 1);
+    let e = support::engine(2, backend);
+    let keys = keys_mastered_by(&server, &[0, 2], "others", 60);
+    assert_eq!(set_keys(&server, &e, &keys), 0, "the others' claims apply");
+    // Its own partitions are unclaimed: sent to a connected node (which
+    // proxies, when it is not the master), never failed.
+    let keys = keys_mastered_by(&server, &[1], "its-own", 20);
+    set_keys(&server, &e, &keys);
+
+    let lone = AeroServer::start(1, "test");
+    lone.set_bad_replicas(0, true);
+    let Err(err) = cache::open(&config(lone.seeds())) else {
+        panic!("opened with no usable partition map")
+    };
+    let err = err.to_string();
+    assert!(
+        err.contains(&lone.seeds()[0]) && err.contains("replicas") && err.contains("not 512 bytes"),
+        "{err}"
+    );
+}
+
+/// While tending, one node answering a `replicas` value that does not
+/// parse costs its own partitions that round, not the map: until the fix
+/// the round failed as a whole and the map froze, so a partition move the
+/// other nodes reported was never followed. The node is read again every
+/// round, and its partitions come back once it answers well.
+#[test]
+fn an_unparsable_replicas_answer_while_tending_costs_its_node_not_the_map() {
+    let server = AeroServer::start(3, "test");
+    let (backend, a) = open_aerospike(&config(server.seeds()));
+    let handle = a.clone();
+    let e = support::engine(2, backend);
+    assert_eq!(set_batch(&server, &e, "before", 60), 0);
+    server.set_bad_replicas(2, true);
+    server.set_misroute(true);
+    // Every partition moved: those nodes 0 and 1 master now reach them.
+    let keys = keys_mastered_by(&server, &[0, 1], "moved", 60);
+    support::wait_for(
+        "the other nodes' claims to be tended",
+        Duration::from_secs(10),
+        || set_keys(&server, &e, &keys) == 0,
+    );
+    assert!(handle.replicas_refused() > 0, "the bad answer is counted");
+    server.set_bad_replicas(2, false);
+    wait_unproxied(
+        &server,
+        &e,
+        "the node's claims to be tended again",
+        60,
+        Duration::from_secs(10),
+    );
+}
+
+/// Peers that never answer cost a tending round one dial timeout or so
+/// together, not one each: until the fix they were tried one after
+/// another, so eight of them made a round (and a partition move's pickup)
+/// late by eight dial timeouts. Half do not accept (a full backlog: the dial
+/// times out), half accept and never answer.
+#[test]
+fn unanswering_peers_cost_a_tending_round_one_timeout_together() {
+    use std::net::TcpStream;
+    use std::time::Instant;
+    const PHANTOMS: u32 = 8;
+    let dial_timeout = Duration::from_millis(400);
+    let server = AeroServer::start(3, "test");
+    let mut cfg = config(server.seeds());
+    cfg.dial_timeout = dial_timeout;
+    let (_backend, a) = open_aerospike(&cfg);
+    let mut held = Vec::new();
+    let mut phantoms = Vec::new();
+    for i in 0..PHANTOMS {
+        // Backlog 0 holds one connection: with it taken, SYNs are dropped.
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        s.listen(if i % 2 == 0 { 0 } else { 128 }).unwrap();
+        let addr = s.local_addr().unwrap().as_socket().unwrap();
+        if i % 2 == 0 {
+            held.push(TcpStream::connect(addr).unwrap());
+        }
+        // Kept open, never accepting, for the test.
+        phantoms.push((s, addr));
+    }
+    server.list_phantoms(&phantoms.iter().map(|(_, a)| *a).collect::<Vec<_>>());
+    // A round to see the change, then three to time.
+    let from = a.tend_rounds();
+    support::wait_for("a tending round", Duration::from_secs(20), || {
+        a.tend_rounds() > from + 1
+    });
+    let (from, started) = (a.tend_rounds(), Instant::now());
+    support::wait_for("three tending rounds", Duration::from_secs(30), || {
+        a.tend_rounds() >= from + 3
+    });
+    let per_round = started.elapsed() / 3;
+    // One second between rounds, then about one dial timeout for all eight
+    // together (asked one after another: one each, 4.2 s a round).
+    assert!(
+        per_round < Duration::from_secs(1) + 4 * dial_timeout,
+        "{per_round:?} a round with {PHANTOMS} unanswering peers (dial timeout {dial_timeout:?})"
+    );
+    drop(held);
+}
+
+/// A TTL longer than an Aerospike server takes (10 years) is refused by the
+/// backend naming the limit, not sent to come back as a bare PARAMETER;
+/// ten years exactly is taken, and zero still means no expiry.
+#[test]
+fn a_ttl_over_ten_years_is_refused_naming_the_limit() {
+    use txgate::engine::{Op, Reply};
+    let (_server, e) = engine_on(1);
+    let ten_years = Duration::from_secs(315_360_000);
+    let set = |key: &[u8], ttl| Op::Set {
+        key: key.to_vec(),
+        val: b"v".to_vec(),
+        ttl,
+    };
+    let err = e
+        .op_blocking(
+            b"too-long",
+            set(b"too-long", ten_years + Duration::from_secs(1)),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("10 years") && err.contains("315360000"),
+        "{err}"
+    );
+    assert_eq!(
+        e.op_blocking(b"ten-years", set(b"ten-years", ten_years))
+            .unwrap(),
+        Reply::Set
+    );
+    assert_eq!(
+        e.op_blocking(b"forever", set(b"forever", Duration::ZERO))
+            .unwrap(),
+        Reply::Set
+    );
 }

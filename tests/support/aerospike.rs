@@ -55,7 +55,8 @@
 //!
 //! Fault knobs (atomics, flip them while traffic flows): [`set_delay`],
 //! [`drop_connections`], [`set_key_busy`], [`set_forbidden_ttl`],
-//! [`set_misroute`], [`set_forming`]. [`requests`] counts record requests (not info).
+//! [`set_misroute`], [`set_forming`], [`set_bad_replicas`]. [`requests`]
+//! counts record requests (not info).
 //!
 //! [`set_delay`]: AeroServer::set_delay
 //! [`drop_connections`]: AeroServer::drop_connections
@@ -63,6 +64,7 @@
 //! [`set_forbidden_ttl`]: AeroServer::set_forbidden_ttl
 //! [`set_misroute`]: AeroServer::set_misroute
 //! [`set_forming`]: AeroServer::set_forming
+//! [`set_bad_replicas`]: AeroServer::set_bad_replicas
 //! [`requests`]: AeroServer::requests
 
 use std::collections::HashMap;
@@ -89,8 +91,11 @@ const TTL_MAX_S: u32 = 10 * 365 * 24 * 3600;
 const RECORD_BYTES_MAX: usize = 1 << 20;
 /// 2010-01-01 UTC in Unix seconds: the epoch of reply expirations.
 const CITRUSLEAF_EPOCH: u64 = 1_262_304_000;
-/// The node id of the peer [`AeroServer::list_phantom`] adds.
+/// The node id of the (first) peer [`AeroServer::list_phantom`] adds.
 pub const PHANTOM_ID: &str = "BB9FFFFFFFFFFFF";
+/// What a node answers for `replicas` while [`AeroServer::set_bad_replicas`]
+/// is on for it: the namespace with a bitmap that is not 512 bytes.
+pub const BAD_REPLICAS_BITMAP: &str = "not-a-bitmap";
 
 /// The cluster name every node reports.
 pub const CLUSTER_NAME: &str = "txgate-test";
@@ -164,9 +169,12 @@ struct Shared {
     /// Nodes that left with [`AeroServer::leave_last`]: each answers as a
     /// cluster of its own (no peers, every partition its own).
     left: Vec<AtomicBool>,
-    /// A peer every node lists that is not one of ours (see
-    /// [`AeroServer::list_phantom`]).
-    phantom: Mutex<Option<SocketAddr>>,
+    /// Nodes answering an unparsable `replicas` (see
+    /// [`AeroServer::set_bad_replicas`]).
+    bad_replicas: Vec<AtomicBool>,
+    /// Peers every node lists that are not ours (see
+    /// [`AeroServer::list_phantoms`]).
+    phantoms: Mutex<Vec<SocketAddr>>,
     /// `replicas` reads answered, per node; the node (+1) whose read the
     /// knob last refused, and its answered count then.
     replicas_served: Vec<AtomicU64>,
@@ -258,7 +266,8 @@ impl AeroServer {
             forming: AtomicBool::new(false),
             fail_replicas: AtomicU64::new(0),
             left: (0..nodes).map(|_| AtomicBool::new(false)).collect(),
-            phantom: Mutex::new(None),
+            bad_replicas: (0..nodes).map(|_| AtomicBool::new(false)).collect(),
+            phantoms: Mutex::new(Vec::new()),
             replicas_served: (0..nodes).map(|_| AtomicU64::new(0)).collect(),
             replicas_failed_on: AtomicUsize::new(0),
             replicas_served_at_failure: AtomicU64::new(0),
@@ -391,8 +400,31 @@ impl AeroServer {
     /// [`PHANTOM_ID`] at `addr` (which the test controls: e.g. a listener
     /// that never answers), and `peers-generation` moves on.
     pub fn list_phantom(&self, addr: SocketAddr) {
-        *lock(&self.shared.phantom) = Some(addr);
+        self.list_phantoms(&[addr]);
+    }
+
+    /// [`AeroServer::list_phantom`] for several peers: the `i`th has id
+    /// [`AeroServer::phantom_id`]`(i)` and address `addrs[i]`.
+    pub fn list_phantoms(&self, addrs: &[SocketAddr]) {
+        *lock(&self.shared.phantoms) = addrs.to_vec();
         self.shared.peers_generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The node id of the `i`th phantom peer ([`PHANTOM_ID`] for the first).
+    pub fn phantom_id(i: usize) -> String {
+        format!("BB9FFFFFFFF{:04X}", 0xFFFF - i)
+    }
+
+    /// While on, node `i` answers `replicas` with a value that does not
+    /// parse (the namespace, a valid regime and count, then
+    /// [`BAD_REPLICAS_BITMAP`]); `partition-generation` moves on at every
+    /// change, so a client reads it again.
+    pub fn set_bad_replicas(&self, i: usize, on: bool) {
+        if self.shared.bad_replicas[i].swap(on, Ordering::SeqCst) != on {
+            self.shared
+                .partition_generation
+                .fetch_add(1, Ordering::SeqCst);
+        }
     }
 
     /// Sleep this long before each reply (record and info alike).
@@ -792,6 +824,9 @@ fn info_value(shared: &Shared, node: usize, command: &str) -> String {
             .to_string(),
         // One namespace, so no `;` at all: the real server chomps the
         // trailing one, and the official client rejects an empty entry.
+        "replicas" if shared.bad_replicas[node].load(Ordering::SeqCst) => {
+            format!("{ns}:0,1,{BAD_REPLICAS_BITMAP}")
+        }
         "replicas" | "replicas-all" if shared.left[node].load(Ordering::SeqCst) => {
             let all = [0xFFu8; PARTITION_BITMAP_LEN];
             format!(
@@ -809,8 +844,9 @@ fn info_value(shared: &Shared, node: usize, command: &str) -> String {
                 .filter(|&i| i != node)
                 .map(|i| format!("[{},,[127.0.0.1:{}]]", Shared::node_id(i), shared.port(i)))
                 .collect();
-            if let Some(a) = *lock(&shared.phantom) {
-                peers.push(format!("[{PHANTOM_ID},,[{}:{}]]", a.ip(), a.port()));
+            for (i, a) in lock(&shared.phantoms).iter().enumerate() {
+                let id = AeroServer::phantom_id(i);
+                peers.push(format!("[{id},,[{}:{}]]", a.ip(), a.port()));
             }
             format!("1,{},[{}]", shared.port(node), peers.join(","))
         }

@@ -73,6 +73,9 @@ const OP_HEADER_LEN: usize = 8;
 const TTL_NEVER_EXPIRE: u32 = 0xFFFF_FFFF;
 /// Record TTL slot: keep the record's current TTL (reserved; never sent).
 const TTL_DONT_UPDATE: u32 = 0xFFFF_FFFE;
+/// Longest record TTL a server takes (10 years): a namespace's `max-ttl`
+/// cannot be set higher, and a write asking more is refused (PARAMETER).
+pub const TTL_MAX_S: u32 = 10 * 365 * 24 * 3600;
 /// TTL slot of a read: touch percentage "never", so a get never extends a
 /// record's life.
 const READ_TOUCH_NEVER: u32 = 0xFFFF_FFFF;

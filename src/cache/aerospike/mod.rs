@@ -87,6 +87,8 @@ struct Settings {
     owner_gen: AtomicU64,
     /// Tending rounds completed (every node asked once).
     tend_rounds: AtomicU64,
+    /// `replicas` answers left out because they did not parse.
+    replicas_refused: AtomicU64,
 }
 
 /// How often the tending thread polls `partition-generation` and
@@ -119,7 +121,10 @@ pub struct AerospikeShard {
     next_conn: Cell<usize>,
     /// This shard's copy of the owner map, and which publication it is.
     owner: Rc<RefCell<(u64, Arc<[u16]>)>>,
-    _sweeper: glommio::Task<()>,
+    /// The op-timeout sweep, which also follows the map and dials joined
+    /// nodes: taken (dropping the handle cancels it) by `close`, or a closed
+    /// shard would keep ticking, and dialing, for as long as it is held.
+    sweeper: RefCell<Option<glommio::Task<()>>>,
 }
 
 struct AeroConnector {
@@ -165,6 +170,12 @@ impl AerospikeBackend {
     /// its generations.
     pub fn tend_rounds(&self) -> u64 {
         self.inner.tend_rounds.load(Ordering::Relaxed)
+    }
+
+    /// `replicas` answers that did not parse, at open and while tending:
+    /// each left its node's partitions out of that map, not the others'.
+    pub fn replicas_refused(&self) -> u64 {
+        self.inner.replicas_refused.load(Ordering::Relaxed)
     }
 
     /// Dials shard `shard`'s connections to every node.
@@ -255,7 +266,7 @@ impl AerospikeBackend {
             dropped,
             next_conn: Cell::new(0),
             owner,
-            _sweeper: sweeper,
+            sweeper: RefCell::new(Some(sweeper)),
         })
     }
 }
@@ -324,23 +335,41 @@ fn current_owner(s: &Settings) -> (u64, Arc<[u16]>) {
     (generation, map)
 }
 
+/// The partition map built from the nodes' `replicas` answers.
+struct Claims {
+    /// Master node index per partition (`u16::MAX`: none claimed it).
+    owner: Box<[u16]>,
+    /// Some answer listed the namespace.
+    listed: bool,
+    /// Nodes (by index) whose answer did not parse, and why: left out, so
+    /// one node's garbage costs its own partitions (proxied by others), not
+    /// every other node's claims with it.
+    refused: Vec<(usize, codec::CodecError)>,
+}
+
 /// Masters per partition from each node's `replicas`, nodes by index.
-fn owners_from(
-    replicas: &[Option<String>],
-    namespace: &str,
-) -> Result<Box<[u16]>, codec::CodecError> {
-    let mut owner = vec![u16::MAX; codec::PARTITIONS].into_boxed_slice();
+fn owners_from(replicas: &[Option<String>], namespace: &str) -> Claims {
+    let mut claims = Claims {
+        owner: vec![u16::MAX; codec::PARTITIONS].into_boxed_slice(),
+        listed: false,
+        refused: Vec::new(),
+    };
     for (index, r) in replicas.iter().enumerate() {
         let Some(r) = r else { continue };
-        if let Some(masters) = codec::parse_replicas_masters(r, namespace)? {
-            for (p, &m) in masters.iter().enumerate() {
-                if m {
-                    owner[p] = index as u16;
+        match codec::parse_replicas_masters(r, namespace) {
+            Ok(Some(masters)) => {
+                claims.listed = true;
+                for (p, &m) in masters.iter().enumerate() {
+                    if m {
+                        claims.owner[p] = index as u16;
+                    }
                 }
             }
+            Ok(None) => {}
+            Err(e) => claims.refused.push((index, e)),
         }
     }
-    Ok(owner)
+    claims
 }
 
 /// What tending last saw of one node.
@@ -363,10 +392,15 @@ impl Seen {
 /// The tending loop: while the backend lives, poll every node's
 /// `partition-generation` and `peers-generation` each [`TEND_INTERVAL`]; on
 /// a peers change, add the nodes that joined; on any change, rebuild the
-/// owner map from `replicas` and publish it. Bounded per round by a few
-/// dial timeouts per node (the poll, the `replicas` and peers reads, each new
-/// peer address tried) and by [`codec::PEERS_MAX`] nodes; ends when the
-/// backend is dropped.
+/// owner map from `replicas` and publish it; ends when the backend is
+/// dropped. Bounded per round: each of its five steps (the poll, the peer
+/// lists, the new peers' addresses, the joined nodes' generations, the
+/// `replicas` reads) asks every address within a dial timeout to connect
+/// and one to answer; those that did not answer last time are asked at
+/// once, [`ASK_PARALLEL_MAX`] at a time (see [`InfoConns::ask_all`]). So
+/// nodes that stay silent cost a step two dial timeouts together, not two
+/// each; a node that falls silent costs two more, once, in the step that
+/// finds it. The table holds [`codec::PEERS_MAX`] nodes at most.
 fn tend(weak: Weak<Settings>, mut seen: Vec<Seen>) {
     let conns = RefCell::new(InfoConns::default());
     // Per node: whether another node listed it as a peer when the map was
@@ -374,6 +408,8 @@ fn tend(weak: Weak<Settings>, mut seen: Vec<Seen>) {
     // `DEPART_ROUNDS`).
     let mut listed: Vec<bool> = Vec::new();
     let mut away: Vec<u32> = Vec::new();
+    // When an unparsable `replicas` answer was last logged as a warning.
+    let mut refused_warned_at: Option<Instant> = None;
     loop {
         // Connections only to the nodes we know (joined ones included).
         if let Some(s) = weak.upgrade() {
@@ -392,20 +428,28 @@ fn tend(weak: Weak<Settings>, mut seen: Vec<Seen>) {
             }
         }
         let Some(s) = weak.upgrade() else { return };
-        let ask = |addr: &SocketAddr, cmds: &[&str]| -> Option<codec::InfoPairs> {
-            conns.borrow_mut().ask(addr, cmds, s.dial_timeout)
+        let ask = |addrs: &[SocketAddr], cmds: &[&str]| -> Vec<Option<codec::InfoPairs>> {
+            conns.borrow_mut().ask_all(addrs, cmds, s.dial_timeout)
+        };
+        // Every node not gone, at once; gone ones answer `None` unasked.
+        let ask_nodes = |nodes: &[Node], cmds: &[&str]| -> Vec<Option<codec::InfoPairs>> {
+            let addrs: Vec<SocketAddr> = nodes.iter().filter(|n| !n.gone).map(|n| n.addr).collect();
+            let mut answers = ask(&addrs, cmds).into_iter();
+            nodes
+                .iter()
+                .map(|n| {
+                    if n.gone {
+                        None
+                    } else {
+                        answers.next().flatten()
+                    }
+                })
+                .collect()
         };
         let mut nodes = nodes_of(&s);
-        let now: Vec<Seen> = nodes
+        let now: Vec<Seen> = ask_nodes(&nodes, &["partition-generation", "peers-generation"])
             .iter()
-            .map(|n| {
-                if n.gone {
-                    return Seen::default();
-                }
-                ask(&n.addr, &["partition-generation", "peers-generation"])
-                    .map(|p| Seen::of(&p))
-                    .unwrap_or_default()
-            })
+            .map(|p| p.as_ref().map(Seen::of).unwrap_or_default())
             .collect();
         s.tend_rounds.fetch_add(1, Ordering::Relaxed);
         // Departures: while others answer, a node no other node lists as a
@@ -458,14 +502,14 @@ fn tend(weak: Weak<Settings>, mut seen: Vec<Seen>) {
         if peers_changed {
             let (joined, complete) = discover_joined(&nodes, &ask);
             discovered = complete;
-            for joined in joined {
+            let addrs: Vec<SocketAddr> = joined.iter().map(|j| j.addr).collect();
+            let generations = ask(&addrs, &["partition-generation", "peers-generation"]);
+            for (joined, generations) in joined.into_iter().zip(generations) {
                 for old in nodes.iter_mut().filter(|n| n.id == joined.id && !n.gone) {
                     tracing::info!(node = %old.id, from = %old.addr, to = %joined.addr, "an Aerospike node moved");
                     old.gone = true;
                 }
-                let generations = ask(&joined.addr, &["partition-generation", "peers-generation"])
-                    .map(|p| Seen::of(&p))
-                    .unwrap_or_default();
+                let generations = generations.as_ref().map(Seen::of).unwrap_or_default();
                 // A slot a gone node left, or a new one up to the bound:
                 // nodes that move or leave and come back elsewhere (pods
                 // rescheduled) never run the table out.
@@ -495,21 +539,19 @@ fn tend(weak: Weak<Settings>, mut seen: Vec<Seen>) {
             }
         }
         // Each node's claims, and who it lists as its peers (one round trip).
-        let read: Vec<Option<(String, Vec<String>)>> = nodes
-            .iter()
-            .map(|n| {
-                if n.gone {
-                    return None;
-                }
-                let p = ask(&n.addr, &["replicas", "peers-clear-std"])?;
-                let replicas = value(&p, "replicas")?.to_owned();
-                let peers = value(&p, "peers-clear-std")
-                    .and_then(|v| codec::parse_peers_clear_std(v).ok())
-                    .map(|peers| peers.nodes.into_iter().map(|p| p.id).collect())
-                    .unwrap_or_default();
-                Some((replicas, peers))
-            })
-            .collect();
+        let read: Vec<Option<(String, Vec<String>)>> =
+            ask_nodes(&nodes, &["replicas", "peers-clear-std"])
+                .into_iter()
+                .map(|p| {
+                    let p = p?;
+                    let replicas = value(&p, "replicas")?.to_owned();
+                    let peers = value(&p, "peers-clear-std")
+                        .and_then(|v| codec::parse_peers_clear_std(v).ok())
+                        .map(|peers| peers.nodes.into_iter().map(|p| p.id).collect())
+                        .unwrap_or_default();
+                    Some((replicas, peers))
+                })
+                .collect();
         let members = members(&nodes, &read);
         // Who lists whom, from a round that read every node that answered
         // its poll (a list not read could have named anyone).
@@ -536,21 +578,41 @@ fn tend(weak: Weak<Settings>, mut seen: Vec<Seen>) {
             .zip(&members)
             .map(|(r, &member)| r.filter(|_| member).map(|(replicas, _)| replicas))
             .collect();
-        match owners_from(&replicas, &s.namespace) {
-            Ok(owner) if owner.iter().any(|&o| o != u16::MAX) => {
-                // Nodes first, then the map that may name them.
-                let count = nodes.len();
-                *s.nodes.lock().unwrap_or_else(|p| p.into_inner()) = nodes;
-                s.node_count.store(count, Ordering::Release);
-                *s.owner.lock().unwrap_or_else(|p| p.into_inner()) = Arc::from(owner);
-                s.owner_gen.fetch_add(1, Ordering::AcqRel);
-                seen = now;
+        let claims = owners_from(&replicas, &s.namespace);
+        // An answer that did not parse counts as one not read: its node's
+        // partitions stay unclaimed (proxied by others) and it is read again
+        // next round; the others' claims stand. One warning a minute at most.
+        let warn = refused_warned_at.is_none_or(|at| at.elapsed() >= REFUSED_WARN_EVERY);
+        for (i, e) in &claims.refused {
+            now[*i].partitions = None;
+            s.replicas_refused.fetch_add(1, Ordering::Relaxed);
+            let (node, addr) = (&nodes[*i].id, nodes[*i].addr);
+            if warn {
+                tracing::warn!(%node, %addr, error = %e, "tending: unparsable replicas answer left out of the map");
+            } else {
+                tracing::debug!(%node, %addr, error = %e, "tending: unparsable replicas answer left out of the map");
             }
-            Ok(_) => tracing::debug!("tending: no node claims a partition; keeping the old map"),
-            Err(e) => tracing::debug!(error = %e, "tending: bad replicas"),
+        }
+        if warn && !claims.refused.is_empty() {
+            refused_warned_at = Some(Instant::now());
+        }
+        if claims.owner.iter().any(|&o| o != u16::MAX) {
+            // Nodes first, then the map that may name them.
+            let count = nodes.len();
+            *s.nodes.lock().unwrap_or_else(|p| p.into_inner()) = nodes;
+            s.node_count.store(count, Ordering::Release);
+            *s.owner.lock().unwrap_or_else(|p| p.into_inner()) = Arc::from(claims.owner);
+            s.owner_gen.fetch_add(1, Ordering::AcqRel);
+            seen = now;
+        } else {
+            tracing::debug!("tending: no node claims a partition; keeping the old map");
         }
     }
 }
+
+/// How often tending warns of `replicas` answers it cannot parse (the rest
+/// go to debug): a node that keeps answering one is read every round.
+const REFUSED_WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// Which nodes' claims count: those another answering node lists as a
 /// peer, or the one node that answered. A node that left the cluster and
@@ -573,6 +635,10 @@ fn members(nodes: &[Node], read: &[Option<(String, Vec<String>)>]) -> Vec<bool> 
         .collect()
 }
 
+/// Addresses one step of a tending round asks at once at most (one thread
+/// each); more wait for the next batch.
+const ASK_PARALLEL_MAX: usize = 16;
+
 /// The tending thread's info connections, one per node address, kept
 /// between rounds: a server counts every connection opened, and a round a
 /// second should not open one per node each time.
@@ -582,35 +648,92 @@ struct InfoConns {
 }
 
 impl InfoConns {
-    /// One info round trip to `addr` within `timeout`: on the kept
-    /// connection, or a fresh one if there is none or the kept one failed
-    /// other than by timing out (a server restart or an idle close leaves
-    /// it dead). A timeout drops the kept connection without redialing in
-    /// this call; the next call to the address dials afresh.
-    fn ask(
+    /// One info round trip to each of `addrs` (each address once), answers
+    /// in the order asked, each within `timeout` to connect and `timeout`
+    /// to answer (see [`ask_one`]). Addresses with a kept connection
+    /// answered last time and are asked one after another on this thread;
+    /// the rest (new, or silent last time) are asked at the same time, one
+    /// thread each, [`ASK_PARALLEL_MAX`] at a time. So a healthy cluster
+    /// starts no thread, and nodes that do not answer cost a step two
+    /// timeouts together, not two each; one that falls silent costs its
+    /// inline ask two timeouts once, then joins the threaded ones.
+    fn ask_all(
         &mut self,
-        addr: &SocketAddr,
+        addrs: &[SocketAddr],
         cmds: &[&str],
         timeout: Duration,
-    ) -> Option<codec::InfoPairs> {
-        let text = addr.to_string();
-        if let Some(i) = self.by_addr.iter().position(|(a, _)| a == addr) {
-            let (_, mut stream) = self.by_addr.swap_remove(i);
-            match info_blocking(&mut stream, &text, cmds, Instant::now() + timeout) {
-                Ok(pairs) => {
-                    self.by_addr.push((*addr, stream));
-                    return Some(pairs);
-                }
-                Err(CacheError::DialTimeout { .. }) => return None,
-                Err(_) => {}
+    ) -> Vec<Option<codec::InfoPairs>> {
+        let mut unique: Vec<SocketAddr> = Vec::with_capacity(addrs.len());
+        for a in addrs {
+            if !unique.contains(a) {
+                unique.push(*a);
             }
         }
-        let mut stream = StdTcpStream::connect_timeout(addr, timeout).ok()?;
-        let pairs = info_blocking(&mut stream, &text, cmds, Instant::now() + timeout).ok()?;
-        if self.by_addr.len() < codec::PEERS_MAX {
-            self.by_addr.push((*addr, stream));
+        let (inline, threaded): (Vec<_>, Vec<_>) = unique
+            .iter()
+            .map(|a| (*a, self.take(a)))
+            .partition(|(_, kept)| kept.is_some());
+        let mut done: Vec<(SocketAddr, Option<StdTcpStream>, Option<codec::InfoPairs>)> =
+            Vec::with_capacity(unique.len());
+        let mut threaded = threaded.into_iter().peekable();
+        let mut inline = inline.into_iter();
+        // Each pass runs a batch of threads while this thread asks the
+        // inline addresses; the inline ones are all asked in the first pass.
+        while threaded.peek().is_some() || inline.len() > 0 {
+            let batch: Vec<_> = threaded.by_ref().take(ASK_PARALLEL_MAX).collect();
+            if batch.len() == 1 && inline.len() == 0 {
+                // A lone address needs no thread.
+                let (addr, kept) = batch.into_iter().next().expect("one");
+                let (stream, pairs) = ask_one(&addr, kept, cmds, timeout);
+                done.push((addr, stream, pairs));
+                continue;
+            }
+            std::thread::scope(|scope| {
+                let running: Vec<_> = batch
+                    .into_iter()
+                    .map(|(addr, kept)| {
+                        let handle = std::thread::Builder::new()
+                            .name("txgate-aero-info".into())
+                            .spawn_scoped(scope, move || ask_one(&addr, kept, cmds, timeout));
+                        (addr, handle)
+                    })
+                    .collect();
+                for (addr, kept) in inline.by_ref() {
+                    let (stream, pairs) = ask_one(&addr, kept, cmds, timeout);
+                    done.push((addr, stream, pairs));
+                }
+                // A thread that could not start is a node not read this
+                // round (its kept connection closes; the next dials anew).
+                for (addr, handle) in running {
+                    let (stream, pairs) = handle
+                        .ok()
+                        .and_then(|h| h.join().ok())
+                        .unwrap_or((None, None));
+                    done.push((addr, stream, pairs));
+                }
+            });
         }
-        Some(pairs)
+        for (addr, stream, _) in &mut done {
+            if let Some(stream) = stream.take()
+                && self.by_addr.len() < codec::PEERS_MAX
+            {
+                self.by_addr.push((*addr, stream));
+            }
+        }
+        addrs
+            .iter()
+            .map(|a| {
+                done.iter()
+                    .find(|(addr, _, _)| addr == a)
+                    .and_then(|(_, _, pairs)| pairs.clone())
+            })
+            .collect()
+    }
+
+    /// The kept connection to `addr`, if any, out of the table.
+    fn take(&mut self, addr: &SocketAddr) -> Option<StdTcpStream> {
+        let i = self.by_addr.iter().position(|(a, _)| a == addr)?;
+        Some(self.by_addr.swap_remove(i).1)
     }
 
     fn keep_only(&mut self, known: impl Fn(&SocketAddr) -> bool) {
@@ -618,28 +741,58 @@ impl InfoConns {
     }
 }
 
+/// One info round trip to `addr` within `timeout`: on the kept connection,
+/// or a fresh one if there is none or the kept one failed other than by
+/// timing out (a server restart or an idle close leaves it dead). A timeout
+/// drops the kept connection without redialing in this call; the next call
+/// to the address dials afresh. Returns the connection to keep, if any.
+fn ask_one(
+    addr: &SocketAddr,
+    kept: Option<StdTcpStream>,
+    cmds: &[&str],
+    timeout: Duration,
+) -> (Option<StdTcpStream>, Option<codec::InfoPairs>) {
+    let text = addr.to_string();
+    if let Some(mut stream) = kept {
+        match info_blocking(&mut stream, &text, cmds, Instant::now() + timeout) {
+            Ok(pairs) => return (Some(stream), Some(pairs)),
+            Err(CacheError::DialTimeout { .. }) => return (None, None),
+            Err(_) => {}
+        }
+    }
+    let Ok(mut stream) = StdTcpStream::connect_timeout(addr, timeout) else {
+        return (None, None);
+    };
+    match info_blocking(&mut stream, &text, cmds, Instant::now() + timeout) {
+        Ok(pairs) => (Some(stream), Some(pairs)),
+        Err(_) => (None, None),
+    }
+}
+
+/// Info round trips to several addresses at once, answers in order (see
+/// [`InfoConns::ask_all`]).
+type AskAll<'a> = dyn Fn(&[SocketAddr], &[&str]) -> Vec<Option<codec::InfoPairs>> + 'a;
+
 /// Nodes that `peers-clear-std` of the known nodes names but we do not
 /// know yet, each confirmed by asking it for its `node` id; and whether
 /// every list was read and every new node confirmed (if not, tending looks
-/// again next round).
-fn discover_joined(
-    known: &[Node],
-    ask: &dyn Fn(&SocketAddr, &[&str]) -> Option<codec::InfoPairs>,
-) -> (Vec<Node>, bool) {
-    let mut joined: Vec<Node> = Vec::new();
+/// again next round). The lists are read at once, then every address of
+/// every new peer is asked at once: peers that do not answer cost two dial
+/// timeouts together, not two each.
+fn discover_joined(known: &[Node], ask: &AskAll<'_>) -> (Vec<Node>, bool) {
     let mut complete = true;
-    // Each new peer is tried once a round at the same addresses, however
-    // many lists name it: one that does not answer costs a dial timeout.
-    let mut tried: Vec<(String, Vec<SocketAddr>)> = Vec::new();
     // Gone nodes neither list peers nor count as known: one that left and
     // comes back is a join, even at its old address.
     let known: Vec<&Node> = known.iter().filter(|n| !n.gone).collect();
-    for n in &known {
-        let Some(pairs) = ask(&n.addr, &["peers-clear-std"]) else {
-            complete = false;
-            continue;
-        };
-        let Some(Ok(peers)) = value(&pairs, "peers-clear-std").map(codec::parse_peers_clear_std)
+    let known_addrs: Vec<SocketAddr> = known.iter().map(|n| n.addr).collect();
+    // Each new peer is tried once a round at the same addresses, however
+    // many lists name it.
+    let mut candidates: Vec<(String, Vec<SocketAddr>)> = Vec::new();
+    for pairs in ask(&known_addrs, &["peers-clear-std"]) {
+        let Some(Ok(peers)) = pairs
+            .as_ref()
+            .and_then(|p| value(p, "peers-clear-std"))
+            .map(codec::parse_peers_clear_std)
         else {
             complete = false;
             continue;
@@ -662,32 +815,46 @@ fn discover_joined(
             // a fixed node id), to be followed there.
             if known
                 .iter()
-                .copied()
-                .chain(&joined)
                 .any(|k| k.id == p.id && addrs.contains(&k.addr))
             {
                 continue;
             }
-            if tried.iter().any(|(id, a)| *id == p.id && *a == addrs) {
+            if candidates.iter().any(|(id, a)| *id == p.id && *a == addrs) {
                 continue;
             }
-            tried.push((p.id.clone(), addrs.clone()));
-            let mut confirmed = false;
-            for addr in addrs {
-                if let Some(id) = ask(&addr, &["node"])
-                    .and_then(|p| value(&p, "node").map(str::to_owned))
-                    .filter(|id| !id.is_empty() && !id.starts_with("ERROR"))
-                {
-                    joined.push(Node {
-                        id,
-                        addr,
-                        gone: false,
-                    });
-                    confirmed = true;
-                    break;
-                }
-            }
-            complete &= confirmed;
+            candidates.push((p.id, addrs));
+        }
+    }
+    let tried: Vec<SocketAddr> = candidates
+        .iter()
+        .flat_map(|(_, addrs)| addrs.iter().copied())
+        .collect();
+    let answers = ask(&tried, &["node"]);
+    let id_at = |addr: &SocketAddr| -> Option<String> {
+        let i = tried.iter().position(|a| a == addr)?;
+        answers[i]
+            .as_ref()
+            .and_then(|p| value(p, "node"))
+            .filter(|id| !id.is_empty() && !id.starts_with("ERROR"))
+            .map(str::to_owned)
+    };
+    let mut joined: Vec<Node> = Vec::new();
+    for (id, addrs) in &candidates {
+        // Listed at two address lists that share one: followed once.
+        if joined
+            .iter()
+            .any(|j| j.id == *id && addrs.contains(&j.addr))
+        {
+            continue;
+        }
+        // The first address listed that answers.
+        match addrs.iter().find_map(|a| id_at(a).map(|got| (got, *a))) {
+            Some((id, addr)) => joined.push(Node {
+                id,
+                addr,
+                gone: false,
+            }),
+            None => complete = false,
         }
     }
     (joined, complete)
@@ -701,16 +868,23 @@ fn server_error(op: &'static str, code: ResultCode) -> CacheError {
 }
 
 /// Whole seconds, rounded up (a TTL never ends early), at least 1; zero is
-/// "never expire".
-fn ttl_of(ttl: Duration) -> Ttl {
+/// "never expire". One over [`codec::TTL_MAX_S`] is refused here, by name,
+/// rather than sent for the server to refuse as a bare PARAMETER.
+fn ttl_of(op: &'static str, ttl: Duration) -> Result<Ttl, CacheError> {
     if ttl.is_zero() {
-        return Ttl::Never;
+        return Ok(Ttl::Never);
     }
-    let s = ttl
-        .as_nanos()
-        .div_ceil(1_000_000_000)
-        .clamp(1, u32::MAX as u128 - 2) as u32;
-    Ttl::Seconds(s)
+    let s = ttl.as_nanos().div_ceil(1_000_000_000).max(1);
+    if s > u128::from(codec::TTL_MAX_S) {
+        return Err(CacheError::Backend {
+            op,
+            detail: format!(
+                "TTL of {s} s is over Aerospike's longest, {} s (10 years)",
+                codec::TTL_MAX_S
+            ),
+        });
+    }
+    Ok(Ttl::Seconds(s as u32))
 }
 
 impl AerospikeShard {
@@ -795,7 +969,7 @@ impl AerospikeShard {
     pub async fn set_nx(&self, key: &[u8], val: &[u8], ttl: Duration) -> Result<bool, CacheError> {
         Self::check_value("set_nx", val)?;
         let op = Op::SetNx {
-            ttl: ttl_of(ttl),
+            ttl: ttl_of("set_nx", ttl)?,
             bin: self.settings.bin,
             value: val,
         };
@@ -811,7 +985,7 @@ impl AerospikeShard {
     pub async fn set(&self, key: &[u8], val: &[u8], ttl: Duration) -> Result<(), CacheError> {
         Self::check_value("set", val)?;
         let op = Op::Set {
-            ttl: ttl_of(ttl),
+            ttl: ttl_of("set", ttl)?,
             bin: self.settings.bin,
             value: val,
         };
@@ -876,8 +1050,10 @@ impl AerospikeShard {
         true
     }
 
-    /// Fails everything in flight and stops reconnecting.
+    /// Fails everything in flight, stops reconnecting, and stops the sweep
+    /// (nothing is in flight to time out, and it must dial no joined node).
     pub fn close(&self) {
+        self.sweeper.borrow_mut().take();
         for p in self.conns.borrow().iter().flatten() {
             p.close();
         }
@@ -983,15 +1159,24 @@ pub fn open(config: &Config) -> Result<AerospikeBackend, CacheError> {
     let deadline = Instant::now() + config.dial_timeout;
     loop {
         match discover(config, &namespace, deadline)? {
-            Discovery::Cluster(nodes, gens, owner) => {
+            Discovery::Cluster(nodes, gens, owner, refused) => {
+                for node in &refused {
+                    tracing::warn!(%node, "open: unparsable replicas answer left out of the map");
+                }
                 probe_ttl(config, &namespace, bin, &nodes, &owner, deadline)?;
-                return start(config, namespace, bin, nodes, gens, owner);
+                let refused = refused.len() as u64;
+                return start(config, namespace, bin, nodes, gens, owner, refused);
             }
-            Discovery::Forming(found) => {
+            Discovery::Forming(found, refused) => {
                 if Instant::now() + FORMING_RETRY >= deadline {
+                    let refused = if refused.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; unparsable replicas answer from {}", refused.join("; "))
+                    };
                     return Err(CacheError::Config(format!(
                         "namespace '{namespace}' is not served by any of the {found} node(s) \
-                         found: the cluster was still forming after the dial timeout ({} ms)",
+                         found: the cluster was still forming after the dial timeout ({} ms){refused}",
                         config.dial_timeout.as_millis()
                     )));
                 }
@@ -1057,7 +1242,7 @@ fn probe_ttl(
         .ok()
     };
     let wrote = ask(Op::Set {
-        ttl: ttl_of(Duration::from_secs(60)),
+        ttl: Ttl::Seconds(60),
         bin,
         value: b"probe",
     });
@@ -1077,12 +1262,14 @@ fn probe_ttl(
 
 /// What one pass over the seeds found.
 enum Discovery {
-    /// Nodes, their generations and the partition owners.
-    Cluster(Vec<Node>, Vec<Seen>, Box<[u16]>),
+    /// Nodes, their generations, the partition owners, and the `replicas`
+    /// answers left out as unparsable (address and problem).
+    Cluster(Vec<Node>, Vec<Seen>, Box<[u16]>, Vec<String>),
     /// This many nodes answered, none masters a partition of the namespace,
     /// and their cluster is still forming (a node reads
-    /// `partition-generation` -1, or lists the namespace with no partitions).
-    Forming(usize),
+    /// `partition-generation` -1, or lists the namespace with no partitions);
+    /// the unparsable `replicas` answers, by address and problem.
+    Forming(usize, Vec<String>),
 }
 
 /// One pass: dials the seeds and the peers they name, reads each node's id,
@@ -1092,7 +1279,6 @@ fn discover(config: &Config, namespace: &str, deadline: Instant) -> Result<Disco
     let mut listed = false;
     let mut nodes: Vec<Node> = Vec::new();
     let mut gens: Vec<Seen> = Vec::new();
-    let mut owner = vec![u16::MAX; codec::PARTITIONS].into_boxed_slice();
     // Per node found: its `replicas` (unless forming), and (for `members`)
     // the ids of the peers it lists.
     let mut replicas_of: Vec<Option<String>> = Vec::new();
@@ -1219,43 +1405,42 @@ fn discover(config: &Config, namespace: &str, deadline: Instant) -> Result<Disco
     // claims every partition, and visited last it would own them all until
     // some generation moved — for days, on a calm cluster.
     let member = members(&nodes, &read);
-    for (index, replicas) in replicas_of.iter().enumerate() {
-        let Some(replicas) = replicas.as_deref().filter(|_| member[index]) else {
-            continue;
-        };
-        match codec::parse_replicas_masters(replicas, namespace) {
-            Ok(Some(masters)) => {
-                listed = true;
-                for (p, &m) in masters.iter().enumerate() {
-                    if m {
-                        owner[p] = index as u16;
-                    }
-                }
-            }
-            Ok(None) => {}
-            Err(e) => {
-                return Err(CacheError::Connect {
-                    addr: nodes[index].addr.to_string(),
-                    detail: format!("bad replicas: {e}"),
-                });
-            }
-        }
-    }
+    let replicas: Vec<Option<String>> = replicas_of
+        .into_iter()
+        .zip(&member)
+        .map(|(r, &member)| r.filter(|_| member))
+        .collect();
+    // A node whose answer does not parse is left out, as when tending: the
+    // others' claims make the map, and its partitions are proxied.
+    let claims = owners_from(&replicas, namespace);
+    listed |= claims.listed;
+    let refused: Vec<String> = claims
+        .refused
+        .iter()
+        .map(|(i, e)| format!("{} ({e})", nodes[*i].addr))
+        .collect();
     if nodes.is_empty() {
         return Err(
             last_error.unwrap_or_else(|| CacheError::Config("no Aerospike node answered".into()))
         );
     }
-    if owner.iter().all(|&o| o == u16::MAX) {
+    if claims.owner.iter().all(|&o| o == u16::MAX) {
         if listed {
-            return Ok(Discovery::Forming(nodes.len()));
+            return Ok(Discovery::Forming(nodes.len(), refused));
+        }
+        if !refused.is_empty() {
+            return Err(CacheError::Config(format!(
+                "no usable partition map for namespace '{namespace}': unparsable replicas \
+                 answer from {}",
+                refused.join("; ")
+            )));
         }
         return Err(CacheError::Config(format!(
             "namespace '{namespace}' is not served by any of the {} node(s) found",
             nodes.len()
         )));
     }
-    Ok(Discovery::Cluster(nodes, gens, owner))
+    Ok(Discovery::Cluster(nodes, gens, claims.owner, refused))
 }
 
 /// Publishes what `open` found and starts tending it.
@@ -1266,6 +1451,7 @@ fn start(
     nodes: Vec<Node>,
     gens: Vec<Seen>,
     owner: Box<[u16]>,
+    replicas_refused: u64,
 ) -> Result<AerospikeBackend, CacheError> {
     let inner = Arc::new(Settings {
         namespace,
@@ -1281,6 +1467,7 @@ fn start(
         owner: Mutex::new(Arc::from(owner)),
         owner_gen: AtomicU64::new(0),
         tend_rounds: AtomicU64::new(0),
+        replicas_refused: AtomicU64::new(replicas_refused),
     });
     let weak = Arc::downgrade(&inner);
     std::thread::Builder::new()
@@ -1296,10 +1483,74 @@ mod tests {
 
     #[test]
     fn ttl_rounds_up_to_whole_seconds_and_zero_never_expires() {
-        assert_eq!(ttl_of(Duration::ZERO), Ttl::Never);
-        assert_eq!(ttl_of(Duration::from_millis(1)), Ttl::Seconds(1));
-        assert_eq!(ttl_of(Duration::from_millis(1500)), Ttl::Seconds(2));
-        assert_eq!(ttl_of(Duration::from_secs(60)), Ttl::Seconds(60));
+        let ttl = |d| ttl_of("set", d).unwrap();
+        assert_eq!(ttl(Duration::ZERO), Ttl::Never);
+        assert_eq!(ttl(Duration::from_millis(1)), Ttl::Seconds(1));
+        assert_eq!(ttl(Duration::from_millis(1500)), Ttl::Seconds(2));
+        assert_eq!(ttl(Duration::from_secs(60)), Ttl::Seconds(60));
+        assert_eq!(
+            ttl(Duration::from_secs(codec::TTL_MAX_S.into())),
+            Ttl::Seconds(codec::TTL_MAX_S)
+        );
+    }
+
+    #[test]
+    fn a_ttl_over_ten_years_is_refused_naming_the_limit() {
+        // A hair over rounds up past the limit: refused too.
+        for over in [
+            Duration::from_secs(u64::from(codec::TTL_MAX_S)) + Duration::from_millis(1),
+            Duration::from_secs(u64::MAX),
+        ] {
+            let e = ttl_of("set_nx", over).unwrap_err().to_string();
+            assert!(e.contains("set_nx") && e.contains("315360000 s"), "{e}");
+        }
+    }
+
+    /// The settings of a backend whose nodes are all gone: a shard of it
+    /// dials nothing.
+    fn settings_without_nodes() -> Settings {
+        Settings {
+            namespace: "test".into(),
+            set: "txgate".into(),
+            bin: BinName::new(b"v").unwrap(),
+            dial_timeout: Duration::from_millis(100),
+            op_timeout: Duration::from_millis(50),
+            inflight_max: 16,
+            conns_per_node: 1,
+            reply_gather: Duration::ZERO,
+            nodes: Mutex::new(vec![Node {
+                id: "A".into(),
+                addr: "127.0.0.1:9".parse().unwrap(),
+                gone: true,
+            }]),
+            node_count: AtomicUsize::new(1),
+            owner: Mutex::new(Arc::from(vec![u16::MAX; codec::PARTITIONS])),
+            owner_gen: AtomicU64::new(0),
+            tend_rounds: AtomicU64::new(0),
+            replicas_refused: AtomicU64::new(0),
+        }
+    }
+
+    /// `close` ends the shard's sweep task (which holds the only weak
+    /// reference to the settings): until the fix it ran, and would dial
+    /// joined nodes, for as long as the closed shard was held.
+    #[test]
+    fn close_stops_the_sweeper() {
+        let backend = AerospikeBackend {
+            inner: Arc::new(settings_without_nodes()),
+        };
+        crate::engine::run_local(async move {
+            let shard = backend.shard(0).await.expect("no node to dial");
+            glommio::timer::sleep(Duration::from_millis(20)).await;
+            assert_eq!(Arc::weak_count(&backend.inner), 1, "the sweeper runs");
+            shard.close();
+            glommio::timer::sleep(Duration::from_millis(20)).await;
+            assert_eq!(
+                Arc::weak_count(&backend.inner),
+                0,
+                "the sweeper still runs after close"
+            );
+        });
     }
 
     #[test]
@@ -1322,7 +1573,7 @@ mod tests {
         ];
         // B lists A at its old address again; A answers there. A gone node
         // is not asked for its peers.
-        let ask = |addr: &SocketAddr, cmds: &[&str]| -> Option<codec::InfoPairs> {
+        let ask_one = |addr: &SocketAddr, cmds: &[&str]| -> Option<codec::InfoPairs> {
             let reply = match (*addr == a, cmds) {
                 (false, ["peers-clear-std"]) => "1,3000,[[A,,[127.0.0.1:3000]]]",
                 (true, ["node"]) => "A",
@@ -1330,6 +1581,9 @@ mod tests {
                 _ => return None,
             };
             Some(vec![(cmds[0].to_owned(), reply.to_owned())])
+        };
+        let ask = |addrs: &[SocketAddr], cmds: &[&str]| -> Vec<Option<codec::InfoPairs>> {
+            addrs.iter().map(|addr| ask_one(addr, cmds)).collect()
         };
         let (joined, complete) = discover_joined(&known, &ask);
         assert!(complete);
