@@ -147,7 +147,7 @@ impl RedisBackend {
                 });
                 Ok(RedisShard {
                     mode: Mode::Standalone(pipeline),
-                    _sweeper: sweeper,
+                    sweeper: RefCell::new(Some(sweeper)),
                     settings: s.clone(),
                 })
             }
@@ -173,7 +173,7 @@ impl RedisBackend {
                 let sweeper = glommio::spawn_local(cluster_upkeep(weak, sweep_every));
                 Ok(RedisShard {
                     mode: Mode::Cluster(cluster),
-                    _sweeper: sweeper,
+                    sweeper: RefCell::new(Some(sweeper)),
                     settings: s.clone(),
                 })
             }
@@ -647,7 +647,10 @@ async fn roundtrip_async(stream: &mut tls::RedisStream, args: &[&[u8]]) -> Resul
 /// One shard's Redis backend.
 pub struct RedisShard {
     mode: Mode,
-    _sweeper: glommio::Task<()>,
+    /// The op-timeout sweep (in cluster mode also the map's upkeep, which
+    /// dials nodes): taken, and so cancelled, by `close`, or a closed shard
+    /// still held by claims finishing on it would keep ticking.
+    sweeper: RefCell<Option<glommio::Task<()>>>,
     settings: Arc<Settings>,
 }
 
@@ -936,8 +939,9 @@ impl RedisShard {
         t
     }
 
-    /// Fails everything in flight and stops reconnecting.
+    /// Fails everything in flight and stops reconnecting and sweeping.
     pub fn close(&self) {
+        drop(self.sweeper.borrow_mut().take());
         for p in self.pipelines() {
             p.close();
         }
