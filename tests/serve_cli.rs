@@ -25,8 +25,36 @@ fn txgate() -> Command {
     c
 }
 
+/// How long a command expected to exit at once may run: one that starts
+/// serving instead is killed, and fails its test rather than hanging it.
+const EXIT_WITHIN: Duration = Duration::from_secs(20);
+
+/// `c.output()`, bounded by [`EXIT_WITHIN`] (killed past it: no exit code).
+fn output_within(c: &mut Command) -> std::process::Output {
+    let mut child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("txgate runs");
+    let deadline = Instant::now() + EXIT_WITHIN;
+    while child.try_wait().expect("wait").is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = child.kill();
+    child.wait_with_output().expect("output")
+}
+
+/// `serve` with the two required flags, forwarding to the discard port.
+const SERVE_NOWHERE: [&str; 5] = [
+    "serve",
+    "--listen",
+    "127.0.0.1:0",
+    "--forward",
+    "127.0.0.1:9",
+];
+
 fn usage_error(args: &[&str], flag: &str) {
-    let o = txgate().args(args).output().expect("txgate runs");
+    let o = output_within(txgate().args(args));
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
     assert!(
@@ -37,13 +65,7 @@ fn usage_error(args: &[&str], flag: &str) {
 
 #[test]
 fn bad_flags_exit_2_naming_the_flag() {
-    let base = [
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--forward",
-        "127.0.0.1:9",
-    ];
+    let base = SERVE_NOWHERE;
     let with = |extra: &[&'static str]| -> Vec<&'static str> {
         base.iter().copied().chain(extra.iter().copied()).collect()
     };
@@ -105,6 +127,36 @@ fn bad_flags_exit_2_naming_the_flag() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--ingress-dedup-backend"));
+    // A store setting under bench's name, or a name no flag reads, is
+    // refused: serve used to ignore TXGATE_BACKEND and start on a
+    // per-process memory store.
+    for (name, named) in [
+        ("TXGATE_BACKEND", "INGRESS_DEDUP_BACKEND"),
+        ("INGRESS_DEDUP_REDIS_ADRR", "INGRESS_DEDUP_REDIS_ADRR"),
+    ] {
+        let o = output_within(txgate().args(base).env(name, "redis"));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{name}: {err}");
+        assert!(err.contains(named), "{name}: {err}");
+    }
+    // A multicast interface of the other family than every group forwarded
+    // to (or with no group at all) would be ignored.
+    for (forward, ifc) in [
+        ("239.1.2.3:9", "1"),
+        ("[ff05::1]:9", "127.0.0.1"),
+        ("127.0.0.1:9", "127.0.0.1"),
+    ] {
+        let args = [
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--forward",
+            forward,
+            "--multicast-interface",
+            ifc,
+        ];
+        usage_error(&args, "--multicast-interface");
+    }
 }
 
 #[test]
@@ -139,13 +191,7 @@ fn an_unreachable_store_fails_closed_with_a_clear_error() {
     let addr = redis.addr();
     redis.kill9();
     let o = txgate()
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--forward",
-            "127.0.0.1:9",
-        ])
+        .args(SERVE_NOWHERE)
         .args(["--admin", "off", "--ingress-dedup-backend", "redis"])
         .args(["--ingress-dedup-redis-addr", &addr])
         .args(["--ingress-dedup-dial-timeout", "300ms"])
@@ -157,6 +203,51 @@ fn an_unreachable_store_fails_closed_with_a_clear_error() {
         err.contains("unreachable") && err.contains("--fail-open-boot"),
         "{err}"
     );
+}
+
+/// A store that refuses our settings (here a wrong password) is not
+/// called unreachable: without `--fail-open-boot` the error says to fix
+/// the store flags, not to boot failing open; with it, the gate serves on
+/// tier-1 and `/readyz` names the refusal (it said "unreachable" while the
+/// authentication error was logged at debug level only).
+#[test]
+fn a_store_that_refuses_the_password_is_named_as_such() {
+    let redis = RedisServer::start_with(&["--requirepass", "right"]);
+    let store = [
+        "--ingress-dedup-backend",
+        "redis",
+        "--ingress-dedup-redis-addr",
+        &redis.addr(),
+        "--ingress-dedup-redis-password",
+        "wrong",
+    ];
+    let o = output_within(
+        txgate()
+            .args(SERVE_NOWHERE)
+            .args(["--admin", "off"])
+            .args(store),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("refused") && err.contains("authentication") && !err.contains("unreachable"),
+        "{err}"
+    );
+    assert!(!err.contains("--fail-open-boot"), "{err}");
+
+    let sink = Sink::start();
+    let one_core = cores(1)[0].to_string();
+    let serve = serve_with_admin(
+        &sink,
+        &one_core,
+        &[&["--fail-open-boot"][..], &store].concat(),
+    );
+    let admin = serve.admin.expect("admin address in the start-up line");
+    let (code, why) = http_get(admin, "/readyz");
+    assert_eq!(code, 503, "{why}");
+    assert!(why.contains("authentication"), "{why}");
+    let (code, out, _) = serve.terminate();
+    assert_eq!(code, Some(0), "{out}");
 }
 
 #[test]
@@ -295,6 +386,23 @@ fn summary_field(json: &str, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("{field} in {line}"))
 }
 
+/// `txgate serve` on `core_list`, forwarding to `sink`, with its admin
+/// endpoints on a free port, plus `extra` flags.
+fn serve_with_admin(sink: &Sink, core_list: &str, extra: &[&str]) -> Serve {
+    let forward = sink.addr().to_string();
+    let base = [
+        "--listen",
+        "127.0.0.1:0",
+        "--forward",
+        &forward,
+        "--admin",
+        "127.0.0.1:0",
+        "--cores",
+        core_list,
+    ];
+    Serve::start(&[&base[..], extra].concat())
+}
+
 #[test]
 fn admin_endpoints_answer_and_sigterm_exits_0_with_a_summary() {
     let sink = Sink::start();
@@ -303,16 +411,7 @@ fn admin_endpoints_answer_and_sigterm_exits_0_with_a_summary() {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(",");
-    let serve = Serve::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--forward",
-        &sink.addr().to_string(),
-        "--admin",
-        "127.0.0.1:0",
-        "--cores",
-        &core_list,
-    ]);
+    let serve = serve_with_admin(&sink, &core_list, &[]);
     let admin = serve.admin.expect("admin address in the start-up line");
     assert_eq!(http_get(admin, "/livez"), (200, "ok\n".into()));
     assert_eq!(http_get(admin, "/readyz"), (200, "ready\n".into()));
@@ -342,6 +441,13 @@ fn admin_endpoints_answer_and_sigterm_exits_0_with_a_summary() {
     ] {
         assert!(text.contains(family), "metrics lack {family}:\n{text}");
     }
+
+    // SIGHUP (a habitual "reload") is ignored: its default action killed
+    // the gate with no drain and no summary.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(serve.child.id() as libc::pid_t, libc::SIGHUP) };
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(http_get(admin, "/livez"), (200, "ok\n".into()));
 
     // An admin connection open at SIGTERM (a scrape, a silent probe)
     // holds the gate in its thread: the drain must run regardless.

@@ -212,7 +212,11 @@ fn cli() -> (Command, cache::flags::CacheFlags, cache::flags::CacheFlags) {
             "txgate decides \"forward or suppress\" for each copy of a transaction id (TxID): \
              nanoseconds for a TxID it has seen, one pipelined round trip to a shared store \
              (memory, Redis, Aerospike) for a novel one. If the store fails, it forwards.\n\n\
-             Every flag has an UPPERCASE env twin (e.g. --backend / TXGATE_BACKEND).",
+             Every flag has an UPPERCASE env twin: serve's store flags --ingress-dedup-NAME \
+             read INGRESS_DEDUP_NAME, every other flag --NAME reads TXGATE_NAME (bench's \
+             --backend: TXGATE_BACKEND; serve's --listen: TXGATE_LISTEN). A variable with \
+             either prefix that no flag reads is refused (exit 2), as is a store setting \
+             under the other subcommand's name (TXGATE_BACKEND for serve).",
         )
         .subcommand_required(true)
         .arg_required_else_help(true)
@@ -222,19 +226,29 @@ fn cli() -> (Command, cache::flags::CacheFlags, cache::flags::CacheFlags) {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_max_level(tracing::Level::WARN)
-        .init();
+    init_logging();
     let (mut cmd, store, ingress) = cli();
     let matches = cmd.get_matches_mut();
+    let names: Vec<String> = std::env::vars_os()
+        .map(|(k, _)| k.to_string_lossy().into_owned())
+        .collect();
+    let (serve_env, bench_env) = (
+        env_twins(cmd.find_subcommand("serve").expect("registered")),
+        env_twins(cmd.find_subcommand("bench").expect("registered")),
+    );
     match matches.subcommand() {
         Some(("serve", m)) => {
             let sub = cmd.find_subcommand_mut("serve").expect("registered");
+            if let Err(e) = check_env(&names, ("serve", &serve_env), &bench_env) {
+                sub.error(ErrorKind::UnknownArgument, e).exit();
+            }
             run_serve(sub, m, &ingress)
         }
         Some(("bench", m)) => {
             let sub = cmd.find_subcommand_mut("bench").expect("registered");
+            if let Err(e) = check_env(&names, ("bench", &bench_env), &serve_env) {
+                sub.error(ErrorKind::UnknownArgument, e).exit();
+            }
             run_bench(sub, m, &store)
         }
         _ => unreachable!("subcommand_required"),
@@ -625,8 +639,82 @@ fn parse_key_prefix(s: &str) -> Result<String, String> {
     }
 }
 
-/// Blocks SIGTERM and SIGINT in this thread (and every thread it starts
-/// afterwards), so [`wait_for_stop_signal`] can take them synchronously.
+/// Warnings and errors to stderr by default; `RUST_LOG` (e.g. `info`,
+/// `txgate=debug`) chooses otherwise, and a bad one is named and ignored.
+/// Colour only on a terminal, so journald and log files get plain text.
+fn init_logging() {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let (filter, bad) = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.trim().is_empty() => match EnvFilter::try_new(&spec) {
+            Ok(f) => (f, None),
+            Err(e) => (
+                EnvFilter::new("warn"),
+                Some(format!("RUST_LOG='{spec}': {e}")),
+            ),
+        },
+        _ => (EnvFilter::new("warn"), None),
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(filter)
+        .init();
+    if let Some(bad) = bad {
+        tracing::warn!("ignoring {bad}; logging warnings and errors");
+    }
+}
+
+/// Prefixes of the env twins: a variable with one of them is meant for us.
+const ENV_PREFIXES: [&str; 2] = ["TXGATE_", "INGRESS_DEDUP_"];
+
+/// The env twins of `cmd`'s flags.
+fn env_twins(cmd: &Command) -> Vec<String> {
+    cmd.get_arguments()
+        .filter_map(|a| a.get_env())
+        .map(|e| e.to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Refuses environment variables with our prefixes that subcommand
+/// `this.0` (whose twins are `this.1`) would silently ignore: a store
+/// setting under the other subcommand's name (`TXGATE_BACKEND` for serve,
+/// whose twin is `INGRESS_DEDUP_BACKEND`: ignored, it left serve on a
+/// per-process memory store), or a name no flag reads (a typo). The other
+/// subcommand's own twins (`TXGATE_DURATION` under serve) pass.
+fn check_env(names: &[String], this: (&str, &[String]), other: &[String]) -> Result<(), String> {
+    let suffix = |name: &str| {
+        ENV_PREFIXES
+            .iter()
+            .find_map(|p| name.strip_prefix(p))
+            .map(str::to_owned)
+    };
+    for name in names {
+        let Some(tail) = suffix(name) else { continue };
+        if this.1.contains(name) {
+            continue;
+        }
+        if let Some(twin) = this.1.iter().find(|t| suffix(t).as_deref() == Some(&tail)) {
+            return Err(format!(
+                "environment variable {name} is not read by {}: its setting is {twin} here",
+                this.0
+            ));
+        }
+        if !other.contains(name) {
+            return Err(format!(
+                "environment variable {name} is not read by any txgate flag (a typo?); \
+                 `txgate {} --help` lists each flag's env twin",
+                this.0
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Blocks SIGTERM, SIGINT and SIGHUP in this thread (and every thread it
+/// starts afterwards), so [`wait_for_stop_signal`] can take them
+/// synchronously. SIGHUP's default action would kill the gate with no
+/// drain, and a supervisor counts that death as a clean exit.
 fn block_stop_signals() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; the calls only read and write `set`
     // and this thread's signal mask.
@@ -635,6 +723,7 @@ fn block_stop_signals() -> libc::sigset_t {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }
@@ -650,6 +739,15 @@ fn wait_for_stop_signal(set: &libc::sigset_t) -> i32 {
 
 fn run_serve(cmd: &mut Command, m: &ArgMatches, ingress: &cache::flags::CacheFlags) -> ExitCode {
     let signals = block_stop_signals();
+    // A panic in any thread ends the process (after the usual message), so
+    // a supervisor restarts it: a shard thread that died alone would leave
+    // its socket in the group, its share of the traffic queued where nobody
+    // reads it (lost, not failed open) while /livez still said ok.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::abort();
+    }));
     let store = match ingress.config(m) {
         Ok(c) => c,
         Err(e) => cmd.error(ErrorKind::ValueValidation, e.to_string()).exit(),
@@ -665,9 +763,31 @@ fn run_serve(cmd: &mut Command, m: &ArgMatches, ingress: &cache::flags::CacheFla
         ..Multicast::default()
     };
     if let Some(ifc) = m.get_one::<String>("multicast-interface") {
+        // Each form applies to one family's multicast targets only: one
+        // that names none would be ignored, and multicast would leave by
+        // the default route, maybe onto the wrong network.
+        let has_target = |v6: bool| {
+            forward
+                .iter()
+                .any(|t| t.ip().is_multicast() && t.is_ipv6() == v6)
+        };
+        let refuse = |what: &str| {
+            format!(
+                "--multicast-interface: '{ifc}' is {what}, and --forward names no such \
+                 multicast group, so it would be ignored"
+            )
+        };
         if let Ok(v4) = ifc.parse() {
+            if !has_target(false) {
+                let msg = refuse("an IPv4 address (for IPv4 groups)");
+                cmd.error(ErrorKind::ValueValidation, msg).exit();
+            }
             multicast.interface_v4 = Some(v4);
         } else if let Ok(index) = ifc.parse() {
+            if !has_target(true) {
+                let msg = refuse("an interface index (for IPv6 groups)");
+                cmd.error(ErrorKind::ValueValidation, msg).exit();
+            }
             multicast.interface_v6 = Some(index);
         } else {
             cmd.error(
@@ -795,7 +915,16 @@ fn run_serve(cmd: &mut Command, m: &ArgMatches, ingress: &cache::flags::CacheFla
             a.local_addr()
         )),
     );
-    let sig = wait_for_stop_signal(&signals);
+    // Turns again only on SIGHUP, which is ignored.
+    let sig = loop {
+        match wait_for_stop_signal(&signals) {
+            libc::SIGHUP => eprintln!(
+                "txgate serve: SIGHUP ignored: there is nothing to reload (SIGTERM or SIGINT \
+                 stops the gate; restart it to change its settings)"
+            ),
+            sig => break sig,
+        }
+    };
     eprintln!("txgate serve: signal {sig}: draining");
     // Admin threads answering now may hold the gate: it stops through the
     // shared handle rather than waiting for them.
@@ -810,6 +939,31 @@ mod tests {
     #[test]
     fn cli_is_well_formed() {
         super::cli().0.debug_assert();
+    }
+
+    #[test]
+    fn env_names_no_flag_reads_are_refused() {
+        let (cmd, _, _) = super::cli();
+        let serve = super::env_twins(cmd.find_subcommand("serve").unwrap());
+        let bench = super::env_twins(cmd.find_subcommand("bench").unwrap());
+        let check = |names: &[&str], this, mine: &[String], other: &[String]| {
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            super::check_env(&names, (this, mine), other)
+        };
+        let ok = [
+            "PATH",
+            "TXGATE_LISTEN",
+            "INGRESS_DEDUP_BACKEND",
+            "TXGATE_DURATION",
+        ];
+        assert_eq!(check(&ok, "serve", &serve, &bench), Ok(()));
+        let e = check(&["TXGATE_BACKEND"], "serve", &serve, &bench).unwrap_err();
+        assert!(e.contains("INGRESS_DEDUP_BACKEND"), "{e}");
+        let e = check(&["INGRESS_DEDUP_REDIS_ADDR"], "bench", &bench, &serve).unwrap_err();
+        assert!(e.contains("TXGATE_REDIS_ADDR"), "{e}");
+        let e = check(&["TXGATE_LISTN"], "serve", &serve, &bench).unwrap_err();
+        assert!(e.contains("TXGATE_LISTN") && e.contains("typo"), "{e}");
+        assert_eq!(check(&["TXGATE_LISTEN"], "bench", &bench, &serve), Ok(()));
     }
 
     #[test]

@@ -70,7 +70,7 @@ pub fn register_flags(cmd: Command, flag_prefix: &str, env_prefix: &str) -> (Com
         .arg(
             f.arg("redis-addr")
                 .value_name("HOST:PORT")
-                .help("Redis-protocol server or cluster seed; required for --backend redis"),
+                .help(format!("Redis-protocol server or cluster seed; required for {} redis", f.flag("backend"))),
         )
         .arg(
             f.arg("redis-username")
@@ -109,7 +109,7 @@ pub fn register_flags(cmd: Command, flag_prefix: &str, env_prefix: &str) -> (Com
                 .default_missing_value("true")
                 .value_parser(clap::builder::BoolishValueParser::new())
                 .default_value("false")
-                .help("Speak TLS to Redis (implied by any other --redis-tls-* flag)"),
+                .help(format!("Speak TLS to Redis (implied by any other {}-* flag)", f.flag("redis-tls"))),
         )
         .arg(
             f.arg("redis-tls-ca-file")
@@ -121,13 +121,13 @@ pub fn register_flags(cmd: Command, flag_prefix: &str, env_prefix: &str) -> (Com
             f.arg("redis-tls-cert-file")
                 .value_name("PEM")
                 .value_parser(clap::value_parser!(std::path::PathBuf))
-                .help("Client certificate chain, for servers that require one (with --redis-tls-key-file)"),
+                .help(format!("Client certificate chain, for servers that require one (with {})", f.flag("redis-tls-key-file"))),
         )
         .arg(
             f.arg("redis-tls-key-file")
                 .value_name("PEM")
                 .value_parser(clap::value_parser!(std::path::PathBuf))
-                .help("Client private key (with --redis-tls-cert-file)"),
+                .help(format!("Client private key (with {})", f.flag("redis-tls-cert-file"))),
         )
         .arg(
             f.arg("redis-tls-server-name")
@@ -139,12 +139,12 @@ pub fn register_flags(cmd: Command, flag_prefix: &str, env_prefix: &str) -> (Com
                 .value_name("HOST:PORT,...")
                 .value_delimiter(',')
                 .action(ArgAction::Append)
-                .help("Aerospike seed nodes; required for --backend aerospike"),
+                .help(format!("Aerospike seed nodes; required for {} aerospike", f.flag("backend"))),
         )
         .arg(
             f.arg("aero-namespace")
                 .value_name("NS")
-                .help("Aerospike namespace; required for --backend aerospike"),
+                .help(format!("Aerospike namespace; required for {} aerospike", f.flag("backend"))),
         )
         .arg(
             f.arg("aero-set")

@@ -249,6 +249,16 @@ impl CacheError {
     pub fn is_timeout(&self) -> bool {
         matches!(self, Self::Timeout { .. })
     }
+
+    /// True when the store answered and refused what we asked of it (a
+    /// password, a database, a namespace, a protocol): waiting will not fix
+    /// it, so an operator must be told it is not a mere outage.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            Self::Auth { .. } | Self::NotRedis { .. } | Self::Config(_)
+        )
+    }
 }
 
 /// A backend as opened: `Send + Sync`, cloned into every shard, which calls

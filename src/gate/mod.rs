@@ -143,15 +143,26 @@ pub enum GateError {
         what: String,
         source: std::io::Error,
     },
-    #[error(
-        "the {kind} store is unreachable: {source} (with --fail-open-boot the gate starts on tier-1 only and connects when it can)"
-    )]
+    #[error("{}", store_error_text(*kind, source))]
     Store {
         kind: BackendKind,
         source: CacheError,
     },
     #[error(transparent)]
     Engine(#[from] EngineError),
+}
+
+/// A store that could not be opened: an outage (which `--fail-open-boot`
+/// rides out), or a refusal of our settings, which no waiting fixes.
+fn store_error_text(kind: BackendKind, e: &CacheError) -> String {
+    if e.is_refusal() {
+        format!("the {kind} store refused this gate's settings: {e} (fix the store flags)")
+    } else {
+        format!(
+            "the {kind} store is unreachable: {e} (with --fail-open-boot the gate starts on \
+             tier-1 only and connects when it can)"
+        )
+    }
 }
 
 /// One shard's figures as last published (at most ~100 ms old).
@@ -256,6 +267,8 @@ pub struct Gate {
     serving: Mutex<Option<Serving>>,
     /// False while a fail-open boot waits for the store.
     connected: Arc<AtomicBool>,
+    /// Why the store could not be opened, as last tried (fail-open boot).
+    store_error: Arc<Mutex<Option<String>>>,
     upgrader: Mutex<Option<(flume::Sender<()>, JoinHandle<()>)>>,
     /// What the first stop returned; later stops return it again.
     stopped: Mutex<Option<GateSummary>>,
@@ -324,6 +337,7 @@ impl Gate {
         };
 
         let store_kind = config.store.backend;
+        let store_error = Arc::new(Mutex::new(None));
         let (backend, connected) = match cache::open(&config.store) {
             Ok(b) => (b, true),
             Err(e)
@@ -331,8 +345,11 @@ impl Gate {
                     && matches!(store_kind, BackendKind::Redis | BackendKind::Aerospike) =>
             {
                 tracing::warn!(
-                    "the {store_kind} store is unreachable ({e}); serving on tier-1 only until it is"
+                    "{}; serving on tier-1 only, retrying every {:?}",
+                    store_error_text(store_kind, &e),
+                    config.backend_retry
                 );
+                *lock(&store_error) = Some(e.to_string());
                 (None, false)
             }
             Err(source) => {
@@ -403,15 +420,18 @@ impl Gate {
         let connected = Arc::new(AtomicBool::new(connected));
         let upgrader = (!connected.load(Ordering::Relaxed)).then(|| {
             let (tx, rx) = flume::bounded::<()>(1);
-            let (engine, connected, store, every) = (
+            let (engine, connected, store, every, last_error) = (
                 engine.clone(),
                 connected.clone(),
                 config.store.clone(),
                 config.backend_retry.max(Duration::from_millis(10)),
+                store_error.clone(),
             );
             let h = std::thread::Builder::new()
                 .name("txgate-upgrade".into())
-                .spawn(move || upgrade_when_reachable(&engine, &store, every, &rx, &connected))
+                .spawn(move || {
+                    upgrade_when_reachable(&engine, &store, every, &rx, &connected, &last_error)
+                })
                 .expect("spawning a thread");
             (tx, h)
         });
@@ -425,6 +445,7 @@ impl Gate {
             stops,
             serving: Mutex::new(Some(serving)),
             connected,
+            store_error,
             upgrader: Mutex::new(upgrader),
             stopped: Mutex::new(None),
             drain_timeout,
@@ -469,10 +490,14 @@ impl Gate {
             return (false, "stopped".into());
         };
         if !self.store_connected() {
+            let why = lock(&self.store_error)
+                .as_ref()
+                .map_or(String::new(), |e| format!(" (last try: {e})"));
             return (
                 false,
                 format!(
-                    "degraded: the {} store is unreachable; serving on tier-1 only (fail-open boot)",
+                    "degraded: the {} store cannot be used{why}; serving on tier-1 only \
+                     (fail-open boot)",
                     self.store_kind
                 ),
             );
@@ -648,7 +673,12 @@ fn upgrade_when_reachable(
     every: Duration,
     stop: &flume::Receiver<()>,
     connected: &AtomicBool,
+    last_error: &Mutex<Option<String>>,
 ) {
+    // A warning when the error changes, and once a minute while it lasts: a
+    // store that stays away must not be silent (debug level is off by
+    // default), nor flood the log.
+    let mut warned: Option<(String, Instant)> = None;
     loop {
         if !matches!(
             stop.recv_timeout(every),
@@ -660,7 +690,18 @@ fn upgrade_when_reachable(
             Ok(Some(b)) => b,
             Ok(None) => return,
             Err(e) => {
-                tracing::debug!("store still unreachable: {e}");
+                let text = e.to_string();
+                let repeat = warned
+                    .as_ref()
+                    .is_some_and(|(w, at)| *w == text && at.elapsed() < STORE_WARN_EVERY);
+                if !repeat {
+                    tracing::warn!(
+                        "{}; still serving on tier-1 only",
+                        store_error_text(store.backend, &e)
+                    );
+                    warned = Some((text.clone(), Instant::now()));
+                }
+                *lock(last_error) = Some(text);
                 continue;
             }
         };
@@ -695,6 +736,9 @@ fn upgrade_when_reachable(
         }
     }
 }
+
+/// How often a fail-open boot repeats the same store error as a warning.
+const STORE_WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// Shard `shard`'s sending sockets: one per target, connected to it (the
 /// kernel then routes once, not per datagram), with the multicast options

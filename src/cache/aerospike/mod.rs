@@ -1420,9 +1420,10 @@ fn discover(config: &Config, namespace: &str, deadline: Instant) -> Result<Disco
         .map(|(i, e)| format!("{} ({e})", nodes[*i].addr))
         .collect();
     if nodes.is_empty() {
-        return Err(
-            last_error.unwrap_or_else(|| CacheError::Config("no Aerospike node answered".into()))
-        );
+        return Err(last_error.unwrap_or_else(|| CacheError::Connect {
+            addr: config.aero_hosts.join(","),
+            detail: "no Aerospike node answered".into(),
+        }));
     }
     if claims.owner.iter().all(|&o| o == u16::MAX) {
         if listed {
