@@ -91,6 +91,8 @@ fn bad_flags_exit_2_naming_the_flag() {
         (["--dedup-ttl", "soon"], "--dedup-ttl"),
         (["--dedup-ttl", "600h"], "--dedup-ttl"),
         (["--cores", "1-0"], "--cores"),
+        // No machine here has it: a usage error, not a shard failing to start.
+        (["--cores", "1023"], "--cores"),
         (["--admin", "nowhere"], "--admin"),
         (
             ["--ingress-dedup-backend", "sqlite"],

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use txgate::admin::{Admin, Response};
 use txgate::bench::{self, BenchConfig, Stop, report};
 use txgate::cache::{self, BackendKind, register_flags};
-use txgate::engine::{Engine, EngineConfig, affinity_cores, parse_core_list};
+use txgate::engine::{Engine, EngineConfig, affinity_cores, parse_core_list_here};
 use txgate::gate::{Gate, GateConfig, Multicast, Steering};
 use txgate::txidset::TxIdSetConfig;
 use txgate::units::parse_duration;
@@ -88,7 +88,7 @@ fn bench_command() -> (Command, cache::flags::CacheFlags) {
         .arg(
             arg("cores", "TXGATE_CORES")
                 .value_name("LIST")
-                .value_parser(parse_core_list)
+                .value_parser(parse_core_list_here)
                 .help("CPUs to pin shards to, one shard each, e.g. 0-3,8 (default: the affinity mask; not with --shards)"),
         )
         .arg(
@@ -513,7 +513,7 @@ fn serve_command() -> (Command, cache::flags::CacheFlags) {
         .arg(
             arg("cores", "TXGATE_CORES")
                 .value_name("LIST")
-                .value_parser(parse_core_list)
+                .value_parser(parse_core_list_here)
                 .help("CPUs to pin shards to, one shard each, e.g. 0-3,8 (default: the affinity mask)"),
         )
         .arg(

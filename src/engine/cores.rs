@@ -53,6 +53,40 @@ pub fn parse_core_list(s: &str) -> Result<Vec<usize>, String> {
     Ok(cores)
 }
 
+/// [`parse_core_list`], refusing CPUs outside this process's affinity mask
+/// (missing, or outside its cpuset): a shard pinned there fails to start,
+/// and that is a usage error to report with the flag, not a runtime one.
+pub fn parse_core_list_here(s: &str) -> Result<Vec<usize>, String> {
+    let cores = parse_core_list(s)?;
+    let allowed = affinity_cores().map_err(|e| format!("reading the affinity mask: {e}"))?;
+    match cores.iter().find(|c| !allowed.contains(c)) {
+        None => Ok(cores),
+        Some(c) => Err(format!(
+            "CPU {c} is not one this process may run on (allowed: {})",
+            ranges(&allowed)
+        )),
+    }
+}
+
+/// `0-3,8` for [0, 1, 2, 3, 8] (ascending input).
+fn ranges(cores: &[usize]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < cores.len() {
+        let mut j = i;
+        while j + 1 < cores.len() && cores[j + 1] == cores[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j {
+            cores[i].to_string()
+        } else {
+            format!("{}-{}", cores[i], cores[j])
+        });
+        i = j + 1;
+    }
+    out.join(",")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,6 +101,31 @@ mod tests {
         assert_eq!(parse_core_list("0-3,8"), Ok(vec![0, 1, 2, 3, 8]));
         assert_eq!(parse_core_list("1,1"), Ok(vec![1, 1]));
         assert_eq!(parse_core_list(" 2 "), Ok(vec![2]));
+    }
+
+    #[test]
+    fn ranges_print_as_a_core_list_reads_them() {
+        assert_eq!(ranges(&[0, 1, 2, 3, 8]), "0-3,8");
+        assert_eq!(ranges(&[1, 3, 4]), "1,3-4");
+        assert_eq!(
+            parse_core_list(&ranges(&[0, 2, 3, 4, 9])),
+            Ok(vec![0, 2, 3, 4, 9])
+        );
+    }
+
+    #[test]
+    fn a_cpu_outside_the_mask_is_refused_naming_the_allowed_ones() {
+        let allowed = affinity_cores().unwrap();
+        let first = allowed[0].to_string();
+        assert_eq!(parse_core_list_here(&first), Ok(vec![allowed[0]]));
+        let outside = (0..libc::CPU_SETSIZE as usize)
+            .find(|c| !allowed.contains(c))
+            .unwrap();
+        let e = parse_core_list_here(&outside.to_string()).unwrap_err();
+        assert!(
+            e.contains(&format!("CPU {outside}")) && e.contains(&ranges(&allowed)),
+            "{e}"
+        );
     }
 
     #[test]

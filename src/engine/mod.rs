@@ -23,7 +23,7 @@ use crate::framestore::{FrameStore, FrameStoreError};
 use crate::route::route;
 use crate::txidset::{TxIdSet, TxIdSetConfig, TxIdSetError, Verdict};
 
-pub use cores::{affinity_cores, parse_core_list};
+pub use cores::{affinity_cores, parse_core_list, parse_core_list_here};
 
 /// io_uring registered-buffer memory per executor. We do no file I/O, so the
 /// minimum: glommio's 10 MiB default would not fit an 8 MiB RLIMIT_MEMLOCK.
