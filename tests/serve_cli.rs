@@ -161,6 +161,40 @@ fn bad_flags_exit_2_naming_the_flag() {
     }
 }
 
+/// What the shards allocate at start (tier-1 and the memory store's
+/// tables) is checked against every limit on this process's memory, here
+/// `RLIMIT_AS`: a usage error naming the flags, where the memory store's
+/// tables used to abort the process on a failed allocation (exit 134).
+#[test]
+fn a_memory_store_too_large_for_the_process_limit_exits_2_naming_it() {
+    use std::os::unix::process::CommandExt;
+    let mut c = txgate();
+    c.args(SERVE_NOWHERE)
+        .args(["--admin", "off", "--cores", &cores(1)[0].to_string()])
+        .args(["--ingress-dedup-memory-max-keys", "100000000"]);
+    // SAFETY: setrlimit is async-signal-safe; the child only sets its own
+    // address-space limit (2 GiB) before exec.
+    unsafe {
+        c.pre_exec(|| {
+            let r = libc::rlimit {
+                rlim_cur: 2 << 30,
+                rlim_max: 2 << 30,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &r) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let o = output_within(&mut c);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--ingress-dedup-memory-max-keys") && err.contains("RLIMIT_AS"),
+        "{err}"
+    );
+}
+
 #[test]
 fn help_names_every_serve_flag_and_its_env_twin() {
     let o = txgate().args(["serve", "--help"]).output().unwrap();

@@ -141,27 +141,84 @@ fn bench_command() -> (Command, cache::flags::CacheFlags) {
     register_flags(cmd, "", "TXGATE_")
 }
 
-/// Exits 2 naming `--tier1-capacity` when the shards' tier-1 tables (each
-/// allocated and touched at start) would not fit in this machine's memory:
-/// a clear refusal instead of an allocation abort or the OOM killer.
-fn check_tier1_fits(cmd: &mut Command, capacity: usize, txid_len: usize, shards: usize) {
-    let need = txgate::tier1::Tier1::bytes_for(capacity, txid_len) * shards as u128;
-    let Some(total) = mem_total_bytes() else {
+/// What is allocated and touched at start: each shard's tier-1 table, and
+/// the memory store's tables when that is the store.
+struct StartMemory {
+    tier1_capacity: usize,
+    txid_len: usize,
+    shards: usize,
+    /// The store flag bounding it (`--memory-max-keys` as spelt here) and
+    /// its value, when the store is the memory one.
+    memory_store: Option<(String, usize)>,
+}
+
+/// Exits 2 naming the flags when what the shards allocate at start (tier-1
+/// and the memory store, each table's pages touched then) exceeds the memory
+/// this process may use: a clear refusal instead of an allocation abort, an
+/// OOM kill, or a container's restart loop.
+fn check_start_memory_fits(cmd: &mut Command, want: &StartMemory) {
+    let tier1 =
+        txgate::tier1::Tier1::bytes_for(want.tier1_capacity, want.txid_len) * want.shards as u128;
+    let store = want.memory_store.as_ref().map_or(0, |(_, keys)| {
+        cache::memory::MemoryBackend::start_bytes(*keys, want.shards)
+    });
+    let Some((limit, what)) = memory_limit_bytes() else {
         return;
     };
-    if need > u128::from(total) {
-        let gib = |b: u128| b as f64 / f64::from(1u32 << 30);
-        cmd.error(
-            ErrorKind::ValueValidation,
-            format!(
-                "--tier1-capacity {capacity}: {shards} shard(s) of {txid_len}-byte TxIDs need \
-                 {:.1} GiB of tier-1, more than this machine's {:.1} GiB",
-                gib(need),
-                gib(u128::from(total))
-            ),
-        )
-        .exit();
+    if tier1 + store <= u128::from(limit) {
+        return;
     }
+    let gib = |b: u128| b as f64 / f64::from(1u32 << 30);
+    let mut parts = vec![format!(
+        "--tier1-capacity {} needs {:.1} GiB of tier-1 ({} shard(s) of {}-byte TxIDs)",
+        want.tier1_capacity,
+        gib(tier1),
+        want.shards,
+        want.txid_len
+    )];
+    if let Some((flag, keys)) = &want.memory_store {
+        parts.push(format!(
+            "{flag} {keys} {:.1} GiB of store tables",
+            gib(store)
+        ));
+    }
+    cmd.error(
+        ErrorKind::ValueValidation,
+        format!(
+            "{}: more than the {:.1} GiB this process may use ({what})",
+            parts.join(" and "),
+            gib(u128::from(limit))
+        ),
+    )
+    .exit();
+}
+
+/// The least of what limits this process's memory, and which it is: the
+/// machine's `MemTotal`, a cgroup v2 `memory.max` on the way up from this
+/// process's cgroup (a container or a systemd `MemoryMax=`), and
+/// `RLIMIT_AS`.
+fn memory_limit_bytes() -> Option<(u64, &'static str)> {
+    let mut least: Option<(u64, &'static str)> = None;
+    let mut take = |bytes: Option<u64>, what: &'static str| {
+        if let Some(b) = bytes
+            && least.is_none_or(|(l, _)| b < l)
+        {
+            least = Some((b, what));
+        }
+    };
+    take(mem_total_bytes(), "MemTotal");
+    take(cgroup_memory_max_bytes(), "cgroup memory.max");
+    // SAFETY: getrlimit writes one rlimit into `r`.
+    let r = unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        (libc::getrlimit(libc::RLIMIT_AS, &mut r) == 0).then_some(r)
+    };
+    take(
+        r.filter(|r| r.rlim_cur != libc::RLIM_INFINITY)
+            .map(|r| r.rlim_cur),
+        "RLIMIT_AS",
+    );
+    least
 }
 
 /// `MemTotal` from `/proc/meminfo`, in bytes.
@@ -170,6 +227,21 @@ fn mem_total_bytes() -> Option<u64> {
     let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// The least `memory.max` from this process's cgroup v2 up to the root of
+/// the hierarchy it can see; `None` without cgroup v2 or without a limit.
+fn cgroup_memory_max_bytes() -> Option<u64> {
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = cgroups.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let mut dir = std::path::PathBuf::from("/sys/fs/cgroup");
+    dir.push(path.trim_start_matches('/'));
+    // Bounded by the path's depth.
+    dir.ancestors()
+        .take_while(|d| d.starts_with("/sys/fs/cgroup"))
+        .filter_map(|d| std::fs::read_to_string(d.join("memory.max")).ok())
+        .filter_map(|v| v.trim().parse::<u64>().ok())
+        .min()
 }
 
 /// A dedup TTL: a duration tier-1 can hold (about 24.8 days at most).
@@ -302,11 +374,19 @@ fn run_bench(cmd: &mut Command, m: &ArgMatches, store: &cache::flags::CacheFlags
             .map_or(mine.len(), |&n| n as usize);
         (0..n).map(|i| mine[i % mine.len()]).collect()
     };
-    check_tier1_fits(
+    let store_cfg = match store.config(m) {
+        Ok(c) => c,
+        Err(e) => cmd.error(ErrorKind::ValueValidation, e.to_string()).exit(),
+    };
+    check_start_memory_fits(
         cmd,
-        *m.get_one::<u64>("tier1-capacity").expect("default") as usize,
-        *m.get_one::<u64>("txid-len").expect("default") as usize,
-        cores.len(),
+        &StartMemory {
+            tier1_capacity: *m.get_one::<u64>("tier1-capacity").expect("default") as usize,
+            txid_len: *m.get_one::<u64>("txid-len").expect("default") as usize,
+            shards: cores.len(),
+            memory_store: (store_cfg.backend == BackendKind::Memory)
+                .then(|| (store.flag("memory-max-keys"), store_cfg.memory_max_keys)),
+        },
     );
     let by_duration = first_of(cmd, m, "duration", "claims");
     let stop = match (
@@ -829,11 +909,15 @@ fn run_serve(cmd: &mut Command, m: &ArgMatches, ingress: &cache::flags::CacheFla
         0 => affinity_cores().map_or(1, |c| c.len().max(1)),
         n => n,
     };
-    check_tier1_fits(
+    check_start_memory_fits(
         cmd,
-        config.engine.txidset.tier1_capacity,
-        config.engine.txidset.txid_len,
-        shards,
+        &StartMemory {
+            tier1_capacity: config.engine.txidset.tier1_capacity,
+            txid_len: config.engine.txidset.txid_len,
+            shards,
+            memory_store: (store.backend == BackendKind::Memory)
+                .then(|| (ingress.flag("memory-max-keys"), store.memory_max_keys)),
+        },
     );
     if config.engine.txidset.ttl.is_zero() {
         cmd.error(

@@ -87,6 +87,31 @@ impl MemoryBackend {
         }
     }
 
+    /// What the partitions of a `max_keys` bound over `shards` shards take
+    /// at start-up (each table is sized, and its pages touched, then), to
+    /// refuse a bound the machine cannot hold before allocating it. Growth
+    /// past [`PRESIZE_KEYS_MAX`] keys a shard comes later and is not in it.
+    pub fn start_bytes(max_keys: usize, shards: usize) -> u128 {
+        (0..shards.max(1))
+            .map(|i| {
+                let presize = share_of(max_keys, i, shards).min(PRESIZE_KEYS_MAX);
+                let cap = table_capacity_for(presize);
+                // hashbrown: a power of two of buckets at load ≤ 7/8 (4 or 8
+                // below 8), each an entry and a control byte, plus one group
+                // of control bytes mirrored.
+                let buckets = match cap {
+                    0 => 0,
+                    1..=3 => 4,
+                    4..=7 => 8,
+                    _ => (cap as u128 * 8 / 7).next_power_of_two(),
+                };
+                buckets * (std::mem::size_of::<Entry>() as u128 + 1)
+                    + 16
+                    + presize as u128 * std::mem::size_of::<Ticket>() as u128
+            })
+            .sum()
+    }
+
     /// Eviction and expiry counts so far.
     pub fn counters(&self) -> &MemoryCounters {
         &self.counters
@@ -693,6 +718,26 @@ mod tests {
             );
         }
         assert_eq!(p.table.len(), max_keys);
+    }
+
+    /// The start-up estimate the CLI checks against the memory limits is
+    /// what the partitions really allocate.
+    #[test]
+    fn start_bytes_is_what_the_partitions_allocate() {
+        for (max_keys, shards) in [(1, 1), (5, 1), (1000, 2), (100_000, 3), (1 << 20, 2)] {
+            let real: u128 = (0..shards)
+                .map(|i| {
+                    let p = Partition::new(share_of(max_keys, i, shards));
+                    (p.table.allocation_size() + p.timed.capacity() * std::mem::size_of::<Ticket>())
+                        as u128
+                })
+                .sum();
+            let estimate = MemoryBackend::start_bytes(max_keys, shards);
+            assert!(
+                estimate >= real && estimate <= real + 64 * shards as u128,
+                "{max_keys} keys over {shards}: estimated {estimate}, allocated {real}"
+            );
+        }
     }
 
     #[test]
