@@ -155,18 +155,18 @@ struct StartMemory {
 /// Exits 2 naming the flags when what the shards allocate at start (tier-1
 /// and the memory store, each table's pages touched then) exceeds the memory
 /// this process may use: a clear refusal instead of an allocation abort, an
-/// OOM kill, or a container's restart loop.
-fn check_start_memory_fits(cmd: &mut Command, want: &StartMemory) {
+/// OOM kill, or a container's restart loop. Returns the bytes it counted.
+fn check_start_memory_fits(cmd: &mut Command, want: &StartMemory) -> u128 {
     let tier1 =
         txgate::tier1::Tier1::bytes_for(want.tier1_capacity, want.txid_len) * want.shards as u128;
     let store = want.memory_store.as_ref().map_or(0, |(_, keys)| {
         cache::memory::MemoryBackend::start_bytes(*keys, want.shards)
     });
     let Some((limit, what)) = memory_limit_bytes() else {
-        return;
+        return tier1 + store;
     };
     if tier1 + store <= u128::from(limit) {
-        return;
+        return tier1 + store;
     }
     let gib = |b: u128| b as f64 / f64::from(1u32 << 30);
     let mut parts = vec![format!(
@@ -191,6 +191,13 @@ fn check_start_memory_fits(cmd: &mut Command, want: &StartMemory) {
         ),
     )
     .exit();
+}
+
+/// The bound on start-up for shards that touch `bytes` of tables in all:
+/// the engine's default, plus two seconds a GiB (a page fault per 4 KiB,
+/// and page cache to reclaim on a busy host: 6.5 GB took 11.6 s here).
+fn start_timeout_for(bytes: u128) -> Duration {
+    EngineConfig::default().start_timeout + Duration::from_secs(2 * (bytes >> 30) as u64)
 }
 
 /// The least of what limits this process's memory, and which it is: the
@@ -378,7 +385,7 @@ fn run_bench(cmd: &mut Command, m: &ArgMatches, store: &cache::flags::CacheFlags
         Ok(c) => c,
         Err(e) => cmd.error(ErrorKind::ValueValidation, e.to_string()).exit(),
     };
-    check_start_memory_fits(
+    let start_bytes = check_start_memory_fits(
         cmd,
         &StartMemory {
             tier1_capacity: *m.get_one::<u64>("tier1-capacity").expect("default") as usize,
@@ -443,6 +450,7 @@ fn run_bench(cmd: &mut Command, m: &ArgMatches, store: &cache::flags::CacheFlags
         spin_before_park: *m.get_one::<Duration>("spin-before-park").expect("default"),
         // Its claim tasks never wait while a store fails at once.
         preempt_every: Duration::from_millis(1),
+        start_timeout: start_timeout_for(start_bytes),
         backend,
         txidset: TxIdSetConfig {
             txid_len: *m.get_one::<u64>("txid-len").expect("default") as usize,
@@ -909,7 +917,7 @@ fn run_serve(cmd: &mut Command, m: &ArgMatches, ingress: &cache::flags::CacheFla
         0 => affinity_cores().map_or(1, |c| c.len().max(1)),
         n => n,
     };
-    check_start_memory_fits(
+    let start_bytes = check_start_memory_fits(
         cmd,
         &StartMemory {
             tier1_capacity: config.engine.txidset.tier1_capacity,
@@ -919,6 +927,7 @@ fn run_serve(cmd: &mut Command, m: &ArgMatches, ingress: &cache::flags::CacheFla
                 .then(|| (ingress.flag("memory-max-keys"), store.memory_max_keys)),
         },
     );
+    config.engine.start_timeout = start_timeout_for(start_bytes);
     if config.engine.txidset.ttl.is_zero() {
         cmd.error(
             ErrorKind::ValueValidation,
