@@ -310,6 +310,8 @@ struct Serve {
     listen: SocketAddr,
     admin: Option<SocketAddr>,
     stdout: mpsc::Receiver<String>,
+    /// Its stderr up to the start-up line, that line included.
+    startup: Vec<String>,
 }
 
 impl Serve {
@@ -329,10 +331,12 @@ impl Serve {
                 let _ = tx.send(line);
             }
         });
+        let mut startup = Vec::new();
         let line = loop {
             let l = rx
                 .recv_timeout(Duration::from_secs(15))
                 .expect("txgate serve printed its start-up line");
+            startup.push(l.clone());
             if l.contains("listening on") {
                 break l;
             }
@@ -354,7 +358,18 @@ impl Serve {
             admin: after("admin on http://"),
             child,
             stdout: orx,
+            startup,
         }
+    }
+
+    /// Sends `sig` to the process (SIGSTOP and SIGCONT freeze and thaw it:
+    /// its sockets then queue what arrives, as under a stall).
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        assert_eq!(
+            unsafe { libc::kill(self.child.id() as libc::pid_t, sig) },
+            0
+        );
     }
 
     /// SIGTERM, then the exit status, stdout and how long the exit took.
@@ -550,4 +565,132 @@ fn sigterm_drains_claims_stuck_on_a_frozen_store_then_exits_0() {
         took < Duration::from_secs(1) + op_timeout + Duration::from_secs(1),
         "drain took {took:?}"
     );
+}
+
+/// The receive buffer a request of `bytes` gets here: the request, capped by
+/// net.core.rmem_max.
+fn rmem_max_bytes() -> u64 {
+    std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+        .expect("/proc/sys/net/core/rmem_max")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A datagram the kernel drops on a shard's socket (its receive buffer
+/// full while the gate is frozen) is counted and shown in /metrics and the
+/// summary; the buffer granted is shown too.
+#[test]
+fn kernel_drops_on_a_full_receive_buffer_are_counted_and_shown() {
+    let sink = Sink::start();
+    let serve = Serve::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--forward",
+        &sink.addr().to_string(),
+        "--admin",
+        "127.0.0.1:0",
+        "--cores",
+        &cores(1)[0].to_string(),
+        "--recv-buffer-bytes",
+        "16384",
+    ]);
+    // Granted in full: nothing to warn about.
+    assert!(
+        !serve
+            .startup
+            .iter()
+            .any(|l| l.contains("--recv-buffer-bytes")),
+        "{:?}",
+        serve.startup
+    );
+    let admin = serve.admin.expect("admin address in the start-up line");
+    let text = http_get(admin, "/metrics").1;
+    assert_eq!(
+        metric_sum(&text, "txgate_gate_receive_buffer_bytes"),
+        16384,
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE txgate_gate_receive_dropped_total counter"),
+        "{text}"
+    );
+    // Frozen, the gate reads nothing: 2 000 datagrams overflow 16 KiB.
+    let n = 2_000u64;
+    serve.signal(libc::SIGSTOP);
+    let packets: Vec<Vec<u8>> = (0..n).map(|i| datagram(&txid(i), 0, b"d")).collect();
+    send_paced(serve.listen, &packets, 500);
+    serve.signal(libc::SIGCONT);
+    let mut text = String::new();
+    support::wait_for(
+        "every datagram read or counted as dropped",
+        Duration::from_secs(10),
+        || {
+            text = http_get(admin, "/metrics").1;
+            metric_sum(&text, "txgate_gate_received_total")
+                + metric_sum(&text, "txgate_gate_receive_dropped_total")
+                == n
+        },
+    );
+    let dropped = metric_sum(&text, "txgate_gate_receive_dropped_total");
+    assert!(dropped > 0, "{text}");
+    let (code, out, _) = serve.terminate();
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(summary_field(&out, "receive_dropped"), dropped);
+    assert_eq!(summary_field(&out, "received") + dropped, n);
+}
+
+/// A receive buffer the kernel caps below the request is warned about once
+/// at start, naming the flag, both sizes and the sysctl to raise; the gauge
+/// shows what was granted. (Running as root changes nothing: txgate does
+/// not override the host's limit with SO_RCVBUFFORCE.)
+#[test]
+fn a_receive_buffer_capped_by_rmem_max_is_warned_about_at_start() {
+    let rmem_max = rmem_max_bytes();
+    let asked = rmem_max * 2;
+    if asked > 1 << 31 {
+        eprintln!("net.core.rmem_max is {rmem_max}: no request above it is allowed; skipped");
+        return;
+    }
+    let sink = Sink::start();
+    let serve = Serve::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--forward",
+        &sink.addr().to_string(),
+        "--admin",
+        "127.0.0.1:0",
+        "--cores",
+        &cores(2)
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+        "--recv-buffer-bytes",
+        &asked.to_string(),
+    ]);
+    let warnings: Vec<&String> = serve
+        .startup
+        .iter()
+        .filter(|l| l.contains("--recv-buffer-bytes"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "one warning: {:?}", serve.startup);
+    let w = warnings[0];
+    for part in [
+        "WARN",
+        &format!("--recv-buffer-bytes {asked}"),
+        &format!("granted {rmem_max} bytes"),
+        &format!("net.core.rmem_max is {rmem_max}"),
+        &format!("sysctl -w net.core.rmem_max={asked}"),
+    ] {
+        assert!(w.contains(part), "{part:?} not in {w}");
+    }
+    let text = http_get(serve.admin.unwrap(), "/metrics").1;
+    assert_eq!(
+        metric_sum(&text, "txgate_gate_receive_buffer_bytes"),
+        2 * rmem_max,
+        "{text}"
+    );
+    let (code, out, _) = serve.terminate();
+    assert_eq!(code, Some(0), "{out}");
 }

@@ -646,7 +646,7 @@ fn serve_command() -> (Command, cache::flags::CacheFlags) {
                 .value_name("BYTES")
                 .value_parser(value_parser!(u64).range(0..=1 << 31))
                 .default_value("4194304")
-                .help("SO_RCVBUF per shard socket (capped by net.core.rmem_max); 0 keeps the kernel default"),
+                .help("SO_RCVBUF per shard socket (capped by net.core.rmem_max, with a warning at start); 0 keeps the kernel default"),
         )
         .arg(
             arg("multicast-ttl", "TXGATE_MULTICAST_TTL")

@@ -179,6 +179,12 @@ pub struct ShardSnapshot {
     pub hops_out: u64,
     pub hops_in: u64,
     pub recv_errors: u64,
+    /// Datagrams the kernel dropped on the shard's socket (its receive
+    /// buffer full, mostly), since the gate started.
+    pub receive_dropped: u64,
+    /// The socket's receive buffer as granted (`SO_RCVBUF`, in the
+    /// request's terms); summed in totals.
+    pub receive_buffer_bytes: u64,
     /// Forwarded without a verdict: still waiting on the store when a drain
     /// ran out of time (fail-open).
     pub drain_forwarded: u64,
@@ -219,6 +225,7 @@ impl GateSummary {
             "short": t.short,
             "hops": t.hops_out,
             "forward_errors": t.forward_errors,
+            "receive_dropped": t.receive_dropped,
             "abandoned": self.abandoned,
             "drain_ms": self.drain.as_millis() as u64,
         })
@@ -234,6 +241,8 @@ fn add(a: &mut ShardSnapshot, b: &ShardSnapshot) {
     a.hops_out += b.hops_out;
     a.hops_in += b.hops_in;
     a.recv_errors += b.recv_errors;
+    a.receive_dropped += b.receive_dropped;
+    a.receive_buffer_bytes += b.receive_buffer_bytes;
     a.drain_forwarded += b.drain_forwarded;
     a.claims.add(&b.claims);
     a.tier1_entries += b.tier1_entries;
@@ -303,18 +312,28 @@ impl Gate {
                 what: "the listen address".into(),
                 source,
             })?;
+        let mut receive_buffers = Vec::with_capacity(shards);
         for (i, s) in sockets.iter().enumerate() {
             let sock = socket2::SockRef::from(s);
-            if config.recv_buffer_bytes > 0 {
-                // Best effort: the kernel caps it at net.core.rmem_max.
-                let _ = sock.set_recv_buffer_size(config.recv_buffer_bytes);
-            }
+            let what = || format!("shard {i}'s listen socket");
+            let granted =
+                udp::set_receive_buffer(&sock, config.recv_buffer_bytes).map_err(|source| {
+                    GateError::Socket {
+                        what: format!("{} (SO_RCVBUF)", what()),
+                        source,
+                    }
+                })?;
+            receive_buffers.push(granted as u64);
             udp::blocking_with_timeout(&sock, shard::WAIT_SLICE).map_err(|source| {
                 GateError::Socket {
-                    what: format!("shard {i}'s listen socket"),
+                    what: what(),
                     source,
                 }
             })?;
+        }
+        let granted = receive_buffers.iter().copied().min().unwrap_or(0);
+        if granted < config.recv_buffer_bytes as u64 {
+            warn_receive_buffer_capped(config.recv_buffer_bytes, granted);
         }
         let steering_active = match (config.steering, shards) {
             (_, 1) | (Steering::Off, _) => false,
@@ -368,10 +387,19 @@ impl Gate {
             .unzip();
         let mut stops = Vec::with_capacity(shards);
         let mut stats = Vec::with_capacity(shards);
-        for (i, (listen, hop_rx)) in sockets.into_iter().zip(hop_rxs).enumerate() {
+        for (i, ((listen, hop_rx), receive_buffer_bytes)) in sockets
+            .into_iter()
+            .zip(hop_rxs)
+            .zip(receive_buffers)
+            .enumerate()
+        {
             let (stop_tx, stop_rx) = flume::bounded(1);
             stops.push(stop_tx);
-            let snapshot = Arc::new(Mutex::new(ShardSnapshot::default()));
+            // Shown from the first scrape, before the shard's first publish.
+            let snapshot = Arc::new(Mutex::new(ShardSnapshot {
+                receive_buffer_bytes,
+                ..ShardSnapshot::default()
+            }));
             stats.push(snapshot.clone());
             io.push(Some(ShardIo {
                 listen,
@@ -380,6 +408,7 @@ impl Gate {
                 hop_txs: hop_txs.clone(),
                 stop: stop_rx,
                 stats: snapshot,
+                receive_buffer_bytes,
             }));
         }
         drop(hop_txs);
@@ -740,6 +769,21 @@ fn upgrade_when_reachable(
 /// How often a fail-open boot repeats the same store error as a warning.
 const STORE_WARN_EVERY: Duration = Duration::from_secs(60);
 
+/// Says once, at start, that the kernel cut the shard sockets' receive
+/// buffer: a burst beyond it is dropped by the kernel, so the operator must
+/// know which limit to raise.
+fn warn_receive_buffer_capped(requested_bytes: usize, granted_bytes: u64) {
+    let rmem_max = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    tracing::warn!(
+        "--recv-buffer-bytes {requested_bytes}: the kernel granted {granted_bytes} bytes per \
+         shard socket (net.core.rmem_max is {rmem_max}); bursts beyond that are dropped \
+         (txgate_gate_receive_dropped_total). Raise it: sysctl -w \
+         net.core.rmem_max={requested_bytes}"
+    );
+}
+
 /// Shard `shard`'s sending sockets: one per target, connected to it (the
 /// kernel then routes once, not per datagram), with the multicast options
 /// set; blocking with a short send timeout, so a full send buffer costs a
@@ -869,6 +913,25 @@ pub fn render_metrics(
         "Socket read errors.",
         &|s| s.recv_errors,
     );
+    counter(
+        &mut out,
+        "txgate_gate_receive_dropped_total",
+        "Datagrams the kernel dropped on the shard's socket, mostly because its receive buffer was full (raise --recv-buffer-bytes, and net.core.rmem_max if it caps it).",
+        &|s| s.receive_dropped,
+    );
+    family(
+        &mut out,
+        "txgate_gate_receive_buffer_bytes",
+        "gauge",
+        "The shard socket's receive buffer as granted (SO_RCVBUF: --recv-buffer-bytes, capped by net.core.rmem_max).",
+    );
+    for (i, s) in shards.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "txgate_gate_receive_buffer_bytes{{shard=\"{i}\"}} {}",
+            s.receive_buffer_bytes
+        );
+    }
     counter(
         &mut out,
         "txgate_backend_calls_total",

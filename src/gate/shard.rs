@@ -5,7 +5,7 @@
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
@@ -41,6 +41,8 @@ pub(super) struct ShardIo {
     pub hop_txs: Vec<flume::Sender<Box<[u8]>>>,
     pub stop: flume::Receiver<()>,
     pub stats: Arc<Mutex<ShardSnapshot>>,
+    /// `listen`'s receive buffer as granted.
+    pub receive_buffer_bytes: u64,
 }
 
 /// Counters only this shard writes.
@@ -54,6 +56,8 @@ struct Counters {
     hops_in: u64,
     recv_errors: u64,
     drain_forwarded: u64,
+    /// The kernel's drops on the listen socket, widened past its 32 bits.
+    receive_dropped: u64,
 }
 
 /// A forward target: its connected socket and how it takes a batch.
@@ -95,6 +99,11 @@ struct GateShard {
     /// forward their datagram (fail-open) instead of being dropped.
     give_up: Rc<glommio::sync::Semaphore>,
     stats: Arc<Mutex<ShardSnapshot>>,
+    /// The listen socket, for its drop count (read when publishing).
+    listen_fd: RawFd,
+    receive_buffer_bytes: u64,
+    /// The kernel's 32-bit drop count as last read: it wraps.
+    drops_read: Cell<u32>,
 }
 
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
@@ -166,6 +175,7 @@ impl Future for StepAside {
 pub(super) async fn serve(shard: Rc<Shard>, io: ShardIo, plan: Arc<ShardPlan>) -> ShardEnd {
     // SAFETY: the descriptor comes from a socket we own and give up here.
     let listen = unsafe { glommio::net::UdpSocket::from_raw_fd(io.listen.into_raw_fd()) };
+    let listen_fd = listen.as_raw_fd();
     let g = Rc::new(GateShard {
         shards: shard.shards() as u32,
         shard,
@@ -177,6 +187,9 @@ pub(super) async fn serve(shard: Rc<Shard>, io: ShardIo, plan: Arc<ShardPlan>) -
         inflight: Cell::new(0),
         give_up: Rc::new(glommio::sync::Semaphore::new(0)),
         stats: io.stats,
+        listen_fd,
+        receive_buffer_bytes: io.receive_buffer_bytes,
+        drops_read: Cell::new(0),
     });
     // A second handle on the hand-over channel: what the hop loop has not
     // taken when the drain gives up on it is forwarded, not lost.
@@ -527,6 +540,13 @@ impl GateShard {
 
     /// Copies this shard's figures where the admin thread reads them.
     fn publish(&self) {
+        match super::udp::receive_drops(self.listen_fd) {
+            Ok(now) => {
+                let new = now.wrapping_sub(self.drops_read.replace(now));
+                self.count(|c| c.receive_dropped += u64::from(new));
+            }
+            Err(e) => tracing::debug!("reading the socket's drop count: {e}"),
+        }
         let c = self.counters.get();
         let txids = self.shard.txids();
         let snap = ShardSnapshot {
@@ -538,6 +558,8 @@ impl GateShard {
             hops_in: c.hops_in,
             recv_errors: c.recv_errors,
             drain_forwarded: c.drain_forwarded,
+            receive_dropped: c.receive_dropped,
+            receive_buffer_bytes: self.receive_buffer_bytes,
             claims: txids.counters(),
             tier1_entries: txids.tier1_len() as u64,
             claim_latency: *self.claim_latency.borrow(),

@@ -138,6 +138,50 @@ pub fn blocking_with_timeout(
     sock.set_read_timeout(Some(timeout))
 }
 
+/// Asks for an `SO_RCVBUF` of `bytes` (0: leave the kernel default) and
+/// returns what the kernel granted, in the request's terms: it caps a
+/// request at `net.core.rmem_max` without an error, and reports twice what
+/// it granted (it counts its bookkeeping in the buffer).
+pub fn set_receive_buffer(sock: &socket2::Socket, bytes: usize) -> io::Result<usize> {
+    if bytes > 0 {
+        sock.set_recv_buffer_size(bytes)?;
+    }
+    Ok(sock.recv_buffer_size()? / 2)
+}
+
+/// `SO_MEMINFO` from `asm-generic/socket.h` (x86, arm, riscv, mips alike;
+/// the `libc` crate does not export it for Linux).
+const SO_MEMINFO: libc::c_int = 55;
+
+/// Datagrams the kernel dropped on `fd`'s socket (a full receive buffer,
+/// mostly): `SK_MEMINFO_DROPS` of `SO_MEMINFO`, a 32-bit count that wraps.
+/// One syscall: for the cold path, not per packet.
+pub fn receive_drops(fd: RawFd) -> io::Result<u32> {
+    const DROPS: usize = libc::SK_MEMINFO_DROPS as usize;
+    let mut mem = [0u32; DROPS + 1];
+    let mut len = std::mem::size_of_val(&mem) as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `mem`, which holds
+    // that many, and stores how many it wrote in `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_MEMINFO,
+            mem.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if (len as usize) < std::mem::size_of_val(&mem) {
+        return Err(io::Error::other(format!(
+            "SO_MEMINFO returned {len} bytes, without the drop count"
+        )));
+    }
+    Ok(mem[DROPS])
+}
+
 /// Longest run of equal-size payloads sent as one UDP GSO message: the
 /// kernel's `UDP_MAX_SEGMENTS` (64 before Linux 6.x raised it).
 const GSO_SEGMENTS_MAX: usize = 64;
@@ -629,6 +673,28 @@ mod tests {
             "the refusal is remembered"
         );
         assert_eq!(receive_all(&rx, payloads.len()), payloads);
+    }
+
+    #[test]
+    fn a_full_receive_buffer_shows_in_the_socket_drop_count() {
+        let rx = socket2::Socket::from(UdpSocket::bind("127.0.0.1:0").unwrap());
+        let granted = set_receive_buffer(&rx, 4096).unwrap();
+        assert!(granted >= 4096, "{granted}");
+        assert_eq!(receive_drops(rx.as_raw_fd()).unwrap(), 0);
+        let to = rx.local_addr().unwrap().as_socket().unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        // Each datagram costs far more than 4 KiB / 200 of buffer.
+        for _ in 0..200 {
+            tx.send_to(&[7u8; 100], to).unwrap();
+        }
+        let drops = receive_drops(rx.as_raw_fd()).unwrap();
+        let mut batch = RecvBatch::new(64);
+        let mut queued = 0;
+        for _ in 0..10 {
+            queued += batch.recv(rx.as_raw_fd()).unwrap() as u32;
+        }
+        assert!(drops > 0, "nothing dropped ({queued} queued)");
+        assert_eq!(drops + queued, 200);
     }
 
     #[test]
