@@ -185,6 +185,9 @@ pub struct ShardSnapshot {
     /// The socket's receive buffer as granted (`SO_RCVBUF`, in the
     /// request's terms); summed in totals.
     pub receive_buffer_bytes: u64,
+    /// Still queued in the socket when the drain ended (past what it
+    /// claims, or arrived later): read and counted, not forwarded.
+    pub dropped_at_stop: u64,
     /// Forwarded without a verdict: still waiting on the store when a drain
     /// ran out of time (fail-open).
     pub drain_forwarded: u64,
@@ -226,6 +229,7 @@ impl GateSummary {
             "hops": t.hops_out,
             "forward_errors": t.forward_errors,
             "receive_dropped": t.receive_dropped,
+            "dropped_at_stop": t.dropped_at_stop,
             "abandoned": self.abandoned,
             "drain_ms": self.drain.as_millis() as u64,
         })
@@ -243,6 +247,7 @@ fn add(a: &mut ShardSnapshot, b: &ShardSnapshot) {
     a.recv_errors += b.recv_errors;
     a.receive_dropped += b.receive_dropped;
     a.receive_buffer_bytes += b.receive_buffer_bytes;
+    a.dropped_at_stop += b.dropped_at_stop;
     a.drain_forwarded += b.drain_forwarded;
     a.claims.add(&b.claims);
     a.tier1_entries += b.tier1_entries;
@@ -412,7 +417,9 @@ impl Gate {
             }));
         }
         drop(hop_txs);
-        let drain_timeout = config.store.op_timeout + Duration::from_millis(200);
+        // The shards claim what their sockets still hold for up to
+        // STOP_READ_MAX after the stop; those claims get the op timeout.
+        let drain_timeout = config.store.op_timeout + shard::STOP_READ_MAX;
         let plan = Arc::new(ShardPlan {
             txid_offset: config.txid_offset,
             txid_len,
@@ -918,6 +925,12 @@ pub fn render_metrics(
         "txgate_gate_receive_dropped_total",
         "Datagrams the kernel dropped on the shard's socket, mostly because its receive buffer was full (raise --recv-buffer-bytes, and net.core.rmem_max if it caps it).",
         &|s| s.receive_dropped,
+    );
+    counter(
+        &mut out,
+        "txgate_gate_dropped_at_stop_total",
+        "Datagrams still queued in the shard's socket when a stop's drain ended (past what it claims, or arrived later): read and dropped.",
+        &|s| s.dropped_at_stop,
     );
     family(
         &mut out,

@@ -1,6 +1,6 @@
 //! One shard's gate loop: read a batch, claim each TxID, forward the
-//! winners, repeat; hand packets owned elsewhere to their shard; drain on
-//! stop.
+//! winners, repeat; hand packets owned elsewhere to their shard; on stop,
+//! claim what the socket still holds (bounded), then drain.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -25,7 +25,8 @@ pub(super) struct ShardPlan {
     pub txid_offset: usize,
     pub txid_len: usize,
     pub batch: usize,
-    /// How long a stopping shard waits for claims in flight.
+    /// How long after the stop a shard waits for claims in flight (those
+    /// it makes from its socket's backlog included).
     pub drain_timeout: Duration,
     /// No datagram can be handed over to this shard (one shard, or kernel
     /// steering): its socket is all it waits on while no claim is pending,
@@ -58,6 +59,9 @@ struct Counters {
     drain_forwarded: u64,
     /// The kernel's drops on the listen socket, widened past its 32 bits.
     receive_dropped: u64,
+    /// Read at the end of the drain, past its bounds: neither claimed nor
+    /// forwarded.
+    dropped_at_stop: u64,
 }
 
 /// A forward target: its connected socket and how it takes a batch.
@@ -121,6 +125,17 @@ pub(super) const WAIT_SLICE: Duration = Duration::from_millis(1);
 /// publisher every 100 ms, tier-1 upkeep): no claim is pending and nothing
 /// can be handed over. Each turn costs a few `io_uring_enter` calls.
 const REACTOR_SLICE: Duration = Duration::from_millis(10);
+
+/// How long after the stop a shard goes on claiming what its socket still
+/// holds (see [`GateShard::read_backlog`]). The drain gives the claims made
+/// then their op timeout on top: `drain_timeout` is the op timeout plus this.
+pub(super) const STOP_READ_MAX: Duration = Duration::from_millis(200);
+/// Most datagrams a shard claims from its socket after the stop.
+const STOP_READ_DATAGRAMS_MAX: u64 = 65_536;
+/// How long, and for how many datagrams at most, a shard's last read of
+/// its socket goes on counting what it still holds as dropped.
+const STOP_COUNT_MAX: Duration = Duration::from_millis(50);
+const STOP_COUNT_DATAGRAMS_MAX: u64 = 1 << 20;
 
 /// How long [`step_aside`] sleeps: glommio's next turn finds it due.
 const STEP: Duration = Duration::from_micros(1);
@@ -205,19 +220,22 @@ pub(super) async fn serve(shard: Rc<Shard>, io: ShardIo, plan: Arc<ShardPlan>) -
         })
     };
 
-    g.recv_loop(&listen, &io.stop).await;
+    let mut batch = RecvBatch::new(g.plan.batch);
+    let mut out = SendBatch::with_capacity(g.plan.batch);
+    g.recv_loop(&listen, &io.stop, &mut batch, &mut out).await;
+    let stopped = Instant::now();
+    g.read_backlog(&mut batch, &mut out, stopped).await;
 
     // Drain: no more reads here; once every shard has stopped reading, the
     // hop channels close and the hop loops finish what was handed over.
     g.hop_txs.borrow_mut().clear();
-    let deadline = Instant::now() + g.plan.drain_timeout;
+    let deadline = stopped + g.plan.drain_timeout;
     let left = deadline.saturating_duration_since(Instant::now());
     let _ = glommio::timer::timeout(left, async {
         hops.await;
         Ok(())
     })
     .await;
-    let mut out = SendBatch::with_capacity(g.plan.batch);
     // Bounded: a shard still reading may keep sending until this handle goes
     // (after it, its sends fail and it forwards them itself).
     let bound = leftover.capacity().unwrap_or(g.plan.batch);
@@ -244,6 +262,7 @@ pub(super) async fn serve(shard: Rc<Shard>, io: ShardIo, plan: Arc<ShardPlan>) -
     while g.inflight.get() > 0 && Instant::now() < unwind {
         glommio::timer::sleep(Duration::from_millis(1)).await;
     }
+    g.count_left(&mut batch);
     drop(publisher);
     g.publish();
     let snapshot = *g.stats.lock().expect("not poisoned");
@@ -296,11 +315,10 @@ impl GateShard {
         self: &Rc<Self>,
         listen: &glommio::net::UdpSocket,
         stop: &flume::Receiver<()>,
+        batch: &mut RecvBatch,
+        out: &mut SendBatch,
     ) {
         let fd = listen.as_raw_fd();
-        let mut batch = RecvBatch::new(self.plan.batch);
-        let mut out = SendBatch::with_capacity(self.plan.batch);
-        let end = self.plan.txid_offset + self.plan.txid_len;
         let me = self.shard.index() as u32;
         let mut reactor_at = Instant::now();
         // The last read came back short: the queue is empty, so wait for
@@ -312,7 +330,7 @@ impl GateShard {
             }
             let got = if drained {
                 match self
-                    .receive_waiting(listen, stop, &mut batch, &mut reactor_at)
+                    .receive_waiting(listen, stop, batch, &mut reactor_at)
                     .await
                 {
                     Some(got) => got,
@@ -331,52 +349,140 @@ impl GateShard {
                 }
             };
             drained = n < batch.capacity();
-            if n == 0 {
-                continue;
-            }
-            // Copies of a TxID arrive packets apart, and between wake-ups
-            // its tier-1 lines are often evicted: start every lookup's loads
-            // first so the batch's misses overlap (measured: the lookup's
-            // share of a 90 %-duplicate run fell from 12 % to 3 %).
-            if n > 1 {
-                let txids = self.shard.txids();
-                for i in 0..n {
-                    if let Some(txid) = batch.get(i).get(self.plan.txid_offset..end) {
-                        txids.prefetch(txid);
-                    }
-                }
-            }
-            let t0 = Instant::now();
-            let mut answered = 0;
-            for i in 0..n {
-                let pkt = batch.get(i);
-                if pkt.len() < end {
-                    self.count(|c| {
-                        c.received += 1;
-                        c.short += 1;
-                    });
-                    continue;
-                }
-                self.count(|c| c.received += 1);
-                let txid = &pkt[self.plan.txid_offset..end];
-                if self.shards > 1 {
-                    let owner = route(txid, self.shards);
-                    if owner != me {
-                        self.hop(owner as usize, pkt, &mut out).await;
-                        continue;
-                    }
-                }
-                answered += self.claim(pkt, txid, &mut out, t0).await as u64;
-            }
-            self.claim_latency
-                .borrow_mut()
-                .record_n(t0.elapsed().as_nanos() as u64, answered);
-            self.flush(&mut out);
+            let t0 = self.handle_batch(batch, n, out).await;
             if !drained && t0.duration_since(reactor_at) >= self.reactor_every() {
                 step_aside().await;
                 reactor_at = Instant::now();
             }
         }
+    }
+
+    /// After the stop, what the socket still holds (the backlog the stop
+    /// found, and what arrives meanwhile) would be thrown away with the
+    /// socket at exit, unseen. So it is read without waiting (`MSG_DONTWAIT`)
+    /// until the socket is empty, and claimed and forwarded like any
+    /// traffic, for up to [`STOP_READ_DATAGRAMS_MAX`] datagrams and until
+    /// [`STOP_READ_MAX`] after the stop. What is left then, or arrives later
+    /// in the drain, [`GateShard::count_left`] counts at the end.
+    async fn read_backlog(
+        self: &Rc<Self>,
+        batch: &mut RecvBatch,
+        out: &mut SendBatch,
+        stopped: Instant,
+    ) {
+        let claim_until = stopped + STOP_READ_MAX;
+        let mut reactor_at = Instant::now();
+        let mut read = 0u64;
+        while read < STOP_READ_DATAGRAMS_MAX && Instant::now() < claim_until {
+            let n = match batch.recv(self.listen_fd) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.count(|c| c.recv_errors += 1);
+                    tracing::debug!(shard = self.shard.index(), "receive at stop: {e}");
+                    return;
+                }
+            };
+            read += n as u64;
+            self.handle_batch(batch, n, out).await;
+            if n < batch.capacity() {
+                return;
+            }
+            // Claims waiting on the store and hand-overs need the reactor.
+            if reactor_at.elapsed() >= REACTOR_EVERY {
+                step_aside().await;
+                reactor_at = Instant::now();
+            }
+        }
+    }
+
+    /// The last read of the socket before it closes: what is still queued
+    /// (past [`GateShard::read_backlog`]'s bounds, or arrived later in the
+    /// drain) is read and counted as dropped at stop, up to
+    /// [`STOP_COUNT_DATAGRAMS_MAX`] datagrams and [`STOP_COUNT_MAX`], so the
+    /// summary accounts for it; warns when there was any.
+    fn count_left(&self, batch: &mut RecvBatch) {
+        let until = Instant::now() + STOP_COUNT_MAX;
+        let mut dropped = 0u64;
+        let mut emptied = false;
+        while dropped < STOP_COUNT_DATAGRAMS_MAX && Instant::now() < until {
+            match batch.recv(self.listen_fd) {
+                Ok(n) => {
+                    dropped += n as u64;
+                    if n < batch.capacity() {
+                        emptied = true;
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        self.count(|c| c.dropped_at_stop += dropped);
+        if dropped > 0 || !emptied {
+            tracing::warn!(
+                "shard {}: {dropped} datagrams still queued at the end of the drain were \
+                 dropped (dropped_at_stop){}",
+                self.shard.index(),
+                if emptied {
+                    ""
+                } else {
+                    "; more were still arriving and are lost with the socket"
+                }
+            );
+        }
+    }
+
+    /// Claims (or hands over) the `n` datagrams of the last read and
+    /// forwards the winners; returns when it began.
+    async fn handle_batch(
+        self: &Rc<Self>,
+        batch: &RecvBatch,
+        n: usize,
+        out: &mut SendBatch,
+    ) -> Instant {
+        let end = self.plan.txid_offset + self.plan.txid_len;
+        let me = self.shard.index() as u32;
+        if n == 0 {
+            return Instant::now();
+        }
+        // Copies of a TxID arrive packets apart, and between wake-ups
+        // its tier-1 lines are often evicted: start every lookup's loads
+        // first so the batch's misses overlap (measured: the lookup's
+        // share of a 90 %-duplicate run fell from 12 % to 3 %).
+        if n > 1 {
+            let txids = self.shard.txids();
+            for i in 0..n {
+                if let Some(txid) = batch.get(i).get(self.plan.txid_offset..end) {
+                    txids.prefetch(txid);
+                }
+            }
+        }
+        let t0 = Instant::now();
+        let mut answered = 0;
+        for i in 0..n {
+            let pkt = batch.get(i);
+            if pkt.len() < end {
+                self.count(|c| {
+                    c.received += 1;
+                    c.short += 1;
+                });
+                continue;
+            }
+            self.count(|c| c.received += 1);
+            let txid = &pkt[self.plan.txid_offset..end];
+            if self.shards > 1 {
+                let owner = route(txid, self.shards);
+                if owner != me {
+                    self.hop(owner as usize, pkt, out).await;
+                    continue;
+                }
+            }
+            answered += self.claim(pkt, txid, out, t0).await as u64;
+        }
+        self.claim_latency
+            .borrow_mut()
+            .record_n(t0.elapsed().as_nanos() as u64, answered);
+        self.flush(out);
+        t0
     }
 
     /// How long the receive loop may keep the reactor waiting: briefly while
@@ -559,6 +665,7 @@ impl GateShard {
             recv_errors: c.recv_errors,
             drain_forwarded: c.drain_forwarded,
             receive_dropped: c.receive_dropped,
+            dropped_at_stop: c.dropped_at_stop,
             receive_buffer_bytes: self.receive_buffer_bytes,
             claims: txids.counters(),
             tier1_entries: txids.tier1_len() as u64,
