@@ -234,6 +234,11 @@ impl TxIdSet {
         self.tier1.borrow().len()
     }
 
+    /// Tier-1 entries dropped because it was full, before their TTL.
+    pub fn tier1_evictions(&self) -> u64 {
+        self.tier1.borrow().evictions()
+    }
+
     /// Drops up to `budget` expired tier-1 entries; for the shard's periodic task.
     pub fn sweep(&self, budget: usize) -> usize {
         self.tier1

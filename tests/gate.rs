@@ -262,7 +262,51 @@ fn two_instances_sharing_redis_forward_each_txid_once() {
             0,
             "{text}"
         );
+        // Redis evicts out of our sight: no figure rather than a false 0.
+        assert!(!text.contains("txgate_store_evictions_total"), "{text}");
     }
+}
+
+/// A full tier-1 or memory store drops TxIDs before their TTL, cutting
+/// their dedup window short: each shard's evictions reach /metrics.
+#[test]
+fn evictions_from_a_full_tier1_and_memory_store_reach_the_metrics() {
+    let sink = Sink::start();
+    let mut c = config(2, &sink);
+    c.engine.txidset.tier1_capacity = 100;
+    c.store.memory_max_keys = 300;
+    let gate = Gate::start(c).unwrap();
+    let n = 1_000u64;
+    let packets: Vec<Vec<u8>> = (0..n).map(|i| datagram(&txid(i), 0, b"e")).collect();
+    send_paced(gate.local_addr(), &packets, 100);
+    sink.wait_for(
+        n as usize,
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+    );
+    // Published with the claims that made them.
+    totals_after(&gate, n);
+    let text = gate.render_metrics();
+    // Each shard got well over its 100 tier-1 entries and 150 store keys.
+    assert_eq!(
+        metric_sum(&text, "txgate_tier1_evictions_total"),
+        n - 2 * 100,
+        "{text}"
+    );
+    assert_eq!(
+        metric_sum(&text, "txgate_store_evictions_total"),
+        n - 300,
+        "{text}"
+    );
+    for family in [
+        "# TYPE txgate_tier1_evictions_total counter",
+        "# TYPE txgate_store_evictions_total counter",
+        "txgate_tier1_evictions_total{shard=\"1\"}",
+        "txgate_store_evictions_total{shard=\"1\"}",
+    ] {
+        assert!(text.contains(family), "metrics lack {family}:\n{text}");
+    }
+    gate.shutdown();
 }
 
 /// The sum over shards of a counter in Prometheus text.

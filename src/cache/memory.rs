@@ -245,6 +245,9 @@ struct Partition {
     forever: VecDeque<Ticket>,
     seq: u64,
     max_keys: usize,
+    /// This partition's share of [`MemoryCounters::evictions`]: each is a
+    /// claim forgotten before its TTL, so the gate exports it per shard.
+    evictions: u64,
 }
 
 /// One shard's partition.
@@ -326,10 +329,19 @@ impl MemoryShard {
         self.len() == 0
     }
 
-    /// Drops everything; later ops fail with `Closed`.
+    /// Live entries this partition dropped because it was full.
+    pub fn evictions(&self) -> u64 {
+        self.part.borrow().evictions
+    }
+
+    /// Drops everything (but its eviction count); later ops fail with
+    /// `Closed`.
     pub fn close(&self) {
         self.closed.set(true);
-        *self.part.borrow_mut() = Partition::new(0);
+        let mut p = self.part.borrow_mut();
+        let evictions = p.evictions;
+        *p = Partition::new(0);
+        p.evictions = evictions;
     }
 }
 
@@ -365,6 +377,7 @@ impl Partition {
             forever: VecDeque::new(),
             seq: 0,
             max_keys,
+            evictions: 0,
         }
     }
 
@@ -496,6 +509,7 @@ impl Partition {
         let counter = if victim.deadline_ms <= now_ms {
             &counters.expirations
         } else {
+            self.evictions += 1;
             &counters.evictions
         };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -678,7 +692,10 @@ mod tests {
         assert!(s.get(b"late").unwrap().is_some());
         assert!(s.get(b"forever").unwrap().is_some());
         assert_eq!(b.counters().evictions.load(Ordering::Relaxed), 1);
+        assert_eq!(s.evictions(), 1, "the shard's own count");
         assert_eq!(s.len(), 3);
+        s.close();
+        assert_eq!(s.evictions(), 1, "kept past close");
     }
 
     #[test]

@@ -439,6 +439,17 @@ impl ShardBackend {
         }
     }
 
+    /// Live entries the shard's own partition dropped because it was full
+    /// (each a claim forgotten before its TTL); `None` for stores that
+    /// evict, if at all, out of our sight (Redis, Aerospike).
+    pub fn evictions(&self) -> Option<u64> {
+        match self {
+            Self::Memory(m) => Some(m.evictions()),
+            Self::Fault(f) => Some(f.memory().evictions()),
+            Self::Redis(_) | Self::Aerospike(_) => None,
+        }
+    }
+
     /// Releases the shard's resources; later ops fail with `Closed`.
     pub fn close(&self) {
         match self {

@@ -193,6 +193,12 @@ pub struct ShardSnapshot {
     pub drain_forwarded: u64,
     pub claims: ClaimCounters,
     pub tier1_entries: u64,
+    /// Tier-1 entries dropped before their TTL because it was full: each
+    /// shortens the dedup window of its TxID.
+    pub tier1_evictions: u64,
+    /// The same for the shard's memory-store partition; `None` for other
+    /// stores.
+    pub store_evictions: Option<u64>,
     /// From receipt to verdict.
     pub claim_latency: LatencyHistogram,
     /// Backend `set_nx` round trips.
@@ -251,6 +257,11 @@ fn add(a: &mut ShardSnapshot, b: &ShardSnapshot) {
     a.drain_forwarded += b.drain_forwarded;
     a.claims.add(&b.claims);
     a.tier1_entries += b.tier1_entries;
+    a.tier1_evictions += b.tier1_evictions;
+    a.store_evictions = match (a.store_evictions, b.store_evictions) {
+        (None, None) => None,
+        (x, y) => Some(x.unwrap_or(0) + y.unwrap_or(0)),
+    };
     a.claim_latency.merge(&b.claim_latency);
     a.backend_latency.merge(&b.backend_latency);
     a.connections.add(&b.connections);
@@ -1024,6 +1035,20 @@ pub fn render_metrics(
             out,
             "txgate_tier1_entries{{shard=\"{i}\"}} {}",
             s.tier1_entries
+        );
+    }
+    counter(
+        &mut out,
+        "txgate_tier1_evictions_total",
+        "TxIDs tier-1 dropped before their TTL because it was full (their dedup window cut short: raise --tier1-capacity).",
+        &|s| s.tier1_evictions,
+    );
+    if shards.iter().any(|s| s.store_evictions.is_some()) {
+        counter(
+            &mut out,
+            "txgate_store_evictions_total",
+            "Keys the memory store's shard partition dropped before their TTL because it was full (their dedup window cut short: raise --ingress-dedup-memory-max-keys).",
+            &|s| s.store_evictions.unwrap_or(0),
         );
     }
     family(

@@ -669,6 +669,8 @@ impl GateShard {
             receive_buffer_bytes: self.receive_buffer_bytes,
             claims: txids.counters(),
             tier1_entries: txids.tier1_len() as u64,
+            tier1_evictions: txids.tier1_evictions(),
+            store_evictions: self.shard.backend().and_then(|b| b.evictions()),
             claim_latency: *self.claim_latency.borrow(),
             backend_latency: txids.backend_latency(),
             connections: self
