@@ -442,9 +442,9 @@ fn summary_field(json: &str, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("{field} in {line}"))
 }
 
-/// `txgate serve` on `core_list`, forwarding to `sink`, with its admin
-/// endpoints on a free port, plus `extra` flags.
-fn serve_with_admin(sink: &Sink, core_list: &str, extra: &[&str]) -> Serve {
+/// `txgate serve` on `core_list`, forwarding to `sink`, with `--admin
+/// admin`, plus `extra` flags.
+fn serve_to(sink: &Sink, core_list: &str, admin: &str, extra: &[&str]) -> Serve {
     let forward = sink.addr().to_string();
     let base = [
         "--listen",
@@ -452,11 +452,36 @@ fn serve_with_admin(sink: &Sink, core_list: &str, extra: &[&str]) -> Serve {
         "--forward",
         &forward,
         "--admin",
-        "127.0.0.1:0",
+        admin,
         "--cores",
         core_list,
     ];
     Serve::start(&[&base[..], extra].concat())
+}
+
+/// [`serve_to`] on one core, without admin endpoints, claiming in `redis`
+/// with op timeout `op_timeout`.
+fn serve_on_redis(sink: &Sink, redis: &RedisServer, op_timeout: &str, extra: &[&str]) -> Serve {
+    let addr = redis.addr();
+    let store = [
+        "--ingress-dedup-backend",
+        "redis",
+        "--ingress-dedup-redis-addr",
+        &addr,
+        "--ingress-dedup-op-timeout",
+        op_timeout,
+    ];
+    serve_to(
+        sink,
+        &cores(1)[0].to_string(),
+        "off",
+        &[&store[..], extra].concat(),
+    )
+}
+
+/// [`serve_to`] with the admin endpoints on a free port.
+fn serve_with_admin(sink: &Sink, core_list: &str, extra: &[&str]) -> Serve {
+    serve_to(sink, core_list, "127.0.0.1:0", extra)
 }
 
 #[test]
@@ -522,24 +547,7 @@ fn sigterm_drains_claims_stuck_on_a_frozen_store_then_exits_0() {
     let redis = RedisServer::start();
     let sink = Sink::start();
     let op_timeout = Duration::from_millis(700);
-    let serve = Serve::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--forward",
-        &sink.addr().to_string(),
-        "--admin",
-        "off",
-        "--cores",
-        &cores(1)[0].to_string(),
-        "--ingress-dedup-backend",
-        "redis",
-        "--ingress-dedup-redis-addr",
-        &redis.addr(),
-        "--ingress-dedup-op-timeout",
-        "700ms",
-        "--instance-id",
-        "edge a",
-    ]);
+    let serve = serve_on_redis(&sink, &redis, "700ms", &["--instance-id", "edge a"]);
     let first: Vec<Vec<u8>> = (0..100u64).map(|i| datagram(&txid(i), 0, b"1")).collect();
     send_paced(serve.listen, &first, 50);
     sink.wait_for(100, Duration::from_secs(10), Duration::ZERO);
@@ -588,18 +596,12 @@ fn rmem_max_bytes() -> u64 {
 #[test]
 fn kernel_drops_on_a_full_receive_buffer_are_counted_and_shown() {
     let sink = Sink::start();
-    let serve = Serve::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--forward",
-        &sink.addr().to_string(),
-        "--admin",
-        "127.0.0.1:0",
-        "--cores",
+    let serve = serve_to(
+        &sink,
         &cores(1)[0].to_string(),
-        "--recv-buffer-bytes",
-        "16384",
-    ]);
+        "127.0.0.1:0",
+        &["--recv-buffer-bytes", "16384"],
+    );
     // Granted in full: nothing to warn about.
     assert!(
         !serve
@@ -714,18 +716,7 @@ fn sigterm_forwards_what_the_shard_sockets_still_hold() {
         .join(",");
     for steering in ["auto", "off"] {
         let sink = Sink::start();
-        let serve = Serve::start(&[
-            "--listen",
-            "127.0.0.1:0",
-            "--forward",
-            &sink.addr().to_string(),
-            "--admin",
-            "off",
-            "--cores",
-            &core_list,
-            "--steering",
-            steering,
-        ]);
+        let serve = serve_to(&sink, &core_list, "off", &["--steering", steering]);
         let n = 2_000u64;
         serve.signal(libc::SIGSTOP);
         let packets: Vec<Vec<u8>> = (0..n).map(|i| datagram(&txid(i), 0, b"q")).collect();
@@ -769,22 +760,7 @@ fn sigterm_forwards_what_the_shard_sockets_still_hold() {
 fn datagrams_arriving_during_the_drain_are_counted_as_dropped_at_stop() {
     let redis = RedisServer::start();
     let sink = Sink::start();
-    let serve = Serve::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--forward",
-        &sink.addr().to_string(),
-        "--admin",
-        "off",
-        "--cores",
-        &cores(1)[0].to_string(),
-        "--ingress-dedup-backend",
-        "redis",
-        "--ingress-dedup-redis-addr",
-        &redis.addr(),
-        "--ingress-dedup-op-timeout",
-        "1s",
-    ]);
+    let serve = serve_on_redis(&sink, &redis, "1s", &[]);
     redis.pause();
     let stuck: Vec<Vec<u8>> = (0..20u64).map(|i| datagram(&txid(i), 0, b"s")).collect();
     send_paced(serve.listen, &stuck, 50);
