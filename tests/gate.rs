@@ -341,6 +341,7 @@ fn fail_open_boot_serves_tier1_then_switches_to_redis_when_it_starts() {
     assert!(!gate.store_connected());
     let (ready, why) = gate.readiness();
     assert!(!ready && why.starts_with("degraded"), "{why}");
+    assert!(why.contains("refused"), "the last error is named: {why}");
     let first: Vec<Vec<u8>> = (0..200u64)
         .flat_map(|i| [datagram(&txid(i), 0, b"1"), datagram(&txid(i), 0, b"2")])
         .collect();
@@ -370,6 +371,24 @@ fn fail_open_boot_serves_tier1_then_switches_to_redis_when_it_starts() {
     assert_eq!(t.claims.fail_open, 0);
     let keys = redis.cmd(&["DBSIZE"]);
     assert!(matches!(keys, support::redis::Resp::Int(200)), "{keys:?}");
+
+    // The connections are live gauges: a store lost after the start shows
+    // (txgate_store_connected only says the store was opened).
+    let up = |g: &Gate| metric_sum(&g.render_metrics(), "txgate_store_connections_up");
+    wait_for(
+        "both shards' connections up",
+        Duration::from_secs(5),
+        || up(&gate) == 2,
+    );
+    redis.kill9();
+    wait_for(
+        "the lost connections to show",
+        Duration::from_secs(10),
+        || up(&gate) == 0,
+    );
+    let text = gate.render_metrics();
+    assert_eq!(metric_sum(&text, "txgate_store_connections"), 2, "{text}");
+    assert!(text.contains("txgate_store_connected 1"), "{text}");
 }
 
 /// Names of this process's threads that are shard executors.

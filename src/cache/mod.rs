@@ -428,6 +428,16 @@ impl ShardBackend {
         }
     }
 
+    /// (up now, all) of the shard's store connections: zero for the
+    /// in-process stores.
+    pub fn connections_up(&self) -> (u64, u64) {
+        match self {
+            Self::Redis(r) => r.connections_up(),
+            Self::Aerospike(a) => a.connections_up(),
+            Self::Memory(_) | Self::Fault(_) => (0, 0),
+        }
+    }
+
     /// Counters of the shard's pipelined store connections, summed (zero
     /// for the in-process stores): requests, replies, reads and writes,
     /// timeouts, late replies, overflows, connects and disconnects.

@@ -205,6 +205,10 @@ pub struct ShardSnapshot {
     pub backend_latency: LatencyHistogram,
     /// The shard's store connections (zero for the in-process stores).
     pub connections: PipelineCounters,
+    /// How many connections the shard has to the store, and how many of
+    /// them are up now (the rest redial; claims routed there fail open).
+    pub store_connections: u64,
+    pub store_connections_up: u64,
 }
 
 /// Totals over shards, and how the drain went.
@@ -258,6 +262,8 @@ fn add(a: &mut ShardSnapshot, b: &ShardSnapshot) {
     a.claims.add(&b.claims);
     a.tier1_entries += b.tier1_entries;
     a.tier1_evictions += b.tier1_evictions;
+    a.store_connections += b.store_connections;
+    a.store_connections_up += b.store_connections_up;
     a.store_evictions = match (a.store_evictions, b.store_evictions) {
         (None, None) => None,
         (x, y) => Some(x.unwrap_or(0) + y.unwrap_or(0)),
@@ -858,12 +864,19 @@ pub fn render_metrics(
 ) -> String {
     use std::fmt::Write;
     let mut out = String::with_capacity(4096 + shards.len() * 4096);
+    let per_shard = |out: &mut String,
+                     name: &str,
+                     kind: &str,
+                     help: &str,
+                     get: &dyn Fn(&ShardSnapshot) -> u64| {
+        family(out, name, kind, help);
+        for (i, s) in shards.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", get(s));
+        }
+    };
     let counter =
         |out: &mut String, name: &str, help: &str, get: &dyn Fn(&ShardSnapshot) -> u64| {
-            family(out, name, "counter", help);
-            for (i, s) in shards.iter().enumerate() {
-                let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", get(s));
-            }
+            per_shard(out, name, "counter", help, get)
         };
     counter(
         &mut out,
@@ -943,19 +956,13 @@ pub fn render_metrics(
         "Datagrams still queued in the shard's socket when a stop's drain ended (past what it claims, or arrived later): read and dropped.",
         &|s| s.dropped_at_stop,
     );
-    family(
+    per_shard(
         &mut out,
         "txgate_gate_receive_buffer_bytes",
         "gauge",
         "The shard socket's receive buffer as granted (SO_RCVBUF: --recv-buffer-bytes, capped by net.core.rmem_max).",
+        &|s| s.receive_buffer_bytes,
     );
-    for (i, s) in shards.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "txgate_gate_receive_buffer_bytes{{shard=\"{i}\"}} {}",
-            s.receive_buffer_bytes
-        );
-    }
     counter(
         &mut out,
         "txgate_backend_calls_total",
@@ -1024,19 +1031,27 @@ pub fn render_metrics(
         "Novel claims failed open because too many were in flight.",
         &|s| s.claims.pending_full,
     );
-    family(
+    per_shard(
         &mut out,
         "txgate_tier1_entries",
         "gauge",
         "TxIDs held in tier-1.",
+        &|s| s.tier1_entries,
     );
-    for (i, s) in shards.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "txgate_tier1_entries{{shard=\"{i}\"}} {}",
-            s.tier1_entries
-        );
-    }
+    per_shard(
+        &mut out,
+        "txgate_store_connections",
+        "gauge",
+        "The shard's connections to the store (0 for the in-process stores and while a fail-open boot waits).",
+        &|s| s.store_connections,
+    );
+    per_shard(
+        &mut out,
+        "txgate_store_connections_up",
+        "gauge",
+        "Those connections up now; the rest are redialing, and claims routed to them fail open.",
+        &|s| s.store_connections_up,
+    );
     counter(
         &mut out,
         "txgate_tier1_evictions_total",
@@ -1081,7 +1096,7 @@ pub fn render_metrics(
         &mut out,
         "txgate_store_connected",
         "gauge",
-        "1 when claims go through the store; 0 while a fail-open boot waits for it.",
+        "1 once the store is opened (at start, or when a fail-open boot reaches it); it stays 1 through later outages: see txgate_store_connections_up and /readyz.",
     );
     let _ = writeln!(out, "txgate_store_connected {}", store_connected as u8);
     family(

@@ -655,6 +655,7 @@ impl GateShard {
         }
         let c = self.counters.get();
         let txids = self.shard.txids();
+        let up_of = self.shard.backend().map_or((0, 0), |b| b.connections_up());
         let snap = ShardSnapshot {
             received: c.received,
             forwarded: c.forwarded,
@@ -670,6 +671,8 @@ impl GateShard {
             claims: txids.counters(),
             tier1_entries: txids.tier1_len() as u64,
             tier1_evictions: txids.tier1_evictions(),
+            store_connections: up_of.1,
+            store_connections_up: up_of.0,
             store_evictions: self.shard.backend().and_then(|b| b.evictions()),
             claim_latency: *self.claim_latency.borrow(),
             backend_latency: txids.backend_latency(),

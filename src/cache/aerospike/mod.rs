@@ -897,6 +897,15 @@ impl AerospikeShard {
         t
     }
 
+    /// (up now, all) of the shard's connections to the nodes in the table.
+    pub fn connections_up(&self) -> (u64, u64) {
+        self.conns
+            .borrow()
+            .iter()
+            .flatten()
+            .fold((0, 0), |(up, all), p| (up + u64::from(p.is_up()), all + 1))
+    }
+
     /// The connection for `key`'s partition master (round-robin over the
     /// node's connections), and the key's digest.
     fn route(&self, key: &[u8]) -> (Rc<Pipeline<AsMsg>>, [u8; codec::DIGEST_LEN]) {

@@ -939,6 +939,18 @@ impl RedisShard {
         t
     }
 
+    /// (up now, all) of the shard's connections, one per node it routes to
+    /// (a cluster's retired ones, only draining, are not counted).
+    pub fn connections_up(&self) -> (u64, u64) {
+        let up_of = |ps: &mut dyn Iterator<Item = &Rc<Pipeline<Resp>>>| {
+            ps.fold((0, 0), |(up, all), p| (up + u64::from(p.is_up()), all + 1))
+        };
+        match &self.mode {
+            Mode::Standalone(p) => up_of(&mut std::iter::once(p)),
+            Mode::Cluster(c) => up_of(&mut c.conns.borrow().values()),
+        }
+    }
+
     /// Fails everything in flight and stops reconnecting and sweeping.
     pub fn close(&self) {
         drop(self.sweeper.borrow_mut().take());
