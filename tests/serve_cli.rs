@@ -91,6 +91,7 @@ fn bad_flags_exit_2_naming_the_flag() {
         (["--dedup-ttl", "soon"], "--dedup-ttl"),
         (["--dedup-ttl", "600h"], "--dedup-ttl"),
         (["--cores", "1-0"], "--cores"),
+        (["--multicast-loop", "maybe"], "--multicast-loop"),
         // No machine here has it: a usage error, not a shard failing to start.
         (["--cores", "1023"], "--cores"),
         (["--admin", "nowhere"], "--admin"),
@@ -276,7 +277,7 @@ fn a_store_that_refuses_the_password_is_named_as_such() {
     let serve = serve_with_admin(
         &sink,
         &one_core,
-        &[&["--fail-open-boot"][..], &store].concat(),
+        &[&["--fail-open-boot=yes"][..], &store].concat(),
     );
     let admin = serve.admin.expect("admin address in the start-up line");
     let (code, why) = http_get(admin, "/readyz");

@@ -614,7 +614,7 @@ fn serve_command() -> (Command, cache::flags::CacheFlags) {
         .arg(
             arg("fail-open-boot", "TXGATE_FAIL_OPEN_BOOT")
                 .value_name("BOOL")
-                .value_parser(value_parser!(bool))
+                .value_parser(clap::builder::BoolishValueParser::new())
                 .num_args(0..=1)
                 .default_missing_value("true")
                 .default_value("false")
@@ -658,7 +658,9 @@ fn serve_command() -> (Command, cache::flags::CacheFlags) {
         .arg(
             arg("multicast-loop", "TXGATE_MULTICAST_LOOP")
                 .value_name("BOOL")
-                .value_parser(value_parser!(bool))
+                .value_parser(clap::builder::BoolishValueParser::new())
+                .num_args(0..=1)
+                .default_missing_value("true")
                 .default_value("true")
                 .help("Whether listeners on this host get forwarded multicast datagrams"),
         )
