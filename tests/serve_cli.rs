@@ -287,6 +287,51 @@ fn a_store_that_refuses_the_password_is_named_as_such() {
     assert_eq!(code, Some(0), "{out}");
 }
 
+/// The admin port answers while the gate is still starting (here a store
+/// that accepts and never answers holds the start for its dial timeout):
+/// `/livez` ok, `/readyz` 503 `starting`. Probes used to hang on the bound
+/// port until the start ended.
+#[test]
+fn the_admin_port_answers_starting_while_the_gate_starts() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let mut child = txgate()
+        .args(SERVE_NOWHERE)
+        .args([
+            "--admin",
+            &admin.to_string(),
+            "--cores",
+            &cores(1)[0].to_string(),
+        ])
+        .args([
+            "--ingress-dedup-backend",
+            "redis",
+            "--ingress-dedup-redis-addr",
+        ])
+        .arg(silent.local_addr().unwrap().to_string())
+        .args(["--ingress-dedup-dial-timeout", "3s"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("txgate runs");
+    let mut answers = None;
+    support::wait_for("the admin port to answer", Duration::from_secs(2), || {
+        if TcpStream::connect(admin).is_err() {
+            return false;
+        }
+        answers = Some((http_get(admin, "/livez"), http_get(admin, "/readyz")));
+        true
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    let (livez, readyz) = answers.expect("answered");
+    assert_eq!(livez, (200, "ok\n".into()));
+    assert_eq!(readyz, (503, "starting\n".into()));
+}
+
 #[test]
 fn a_taken_admin_port_fails_the_start_naming_the_flag_before_any_forward() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

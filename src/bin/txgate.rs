@@ -955,24 +955,25 @@ fn run_serve(cmd: &mut Command, m: &ArgMatches, ingress: &cache::flags::CacheFla
         },
         None => None,
     };
-    let gate = match Gate::start(config) {
-        Ok(g) => Arc::new(g),
-        Err(e) => return fail(&format!("serve: {e}")),
-    };
+    // Answering from the start: until the gate is up (a store dial, large
+    // tables to touch) /livez says ok and the rest 503 `starting`, rather
+    // than leave probes hanging on a port nobody accepts on.
+    let started: Arc<std::sync::OnceLock<Arc<Gate>>> = Arc::default();
     let admin = match admin_listener {
         Some(listener) => {
-            let g = gate.clone();
-            let handler = Arc::new(move |path: &str| match path {
-                "/metrics" => Response {
+            let up = started.clone();
+            let handler = Arc::new(move |path: &str| match (path, up.get()) {
+                ("/livez", _) => Response::text(200, "ok\n"),
+                ("/metrics" | "/readyz", None) => Response::text(503, "starting\n"),
+                ("/metrics", Some(g)) => Response {
                     status: 200,
                     content_type: "text/plain; version=0.0.4; charset=utf-8",
                     body: g.render_metrics(),
                 },
-                "/readyz" => {
+                ("/readyz", Some(g)) => {
                     let (ready, why) = g.readiness();
                     Response::text(if ready { 200 } else { 503 }, why + "\n")
                 }
-                "/livez" => Response::text(200, "ok\n"),
                 _ => Response::text(404, "not found: try /metrics, /readyz or /livez\n"),
             });
             match Admin::serve(listener, handler) {
@@ -982,6 +983,11 @@ fn run_serve(cmd: &mut Command, m: &ArgMatches, ingress: &cache::flags::CacheFla
         }
         None => None,
     };
+    let gate = match Gate::start(config) {
+        Ok(g) => Arc::new(g),
+        Err(e) => return fail(&format!("serve: {e}")),
+    };
+    let _ = started.set(gate.clone());
     eprintln!(
         "txgate serve: listening on {} with {} shard{}, {}, {} store {}, forwarding to {}{}",
         gate.local_addr(),
