@@ -798,6 +798,43 @@ fn sigterm_forwards_what_the_shard_sockets_still_hold() {
     }
 }
 
+/// A stop in the middle of a flood, with shards handing datagrams to each
+/// other: every datagram read is forwarded (all novel here). A drain that
+/// gave up on its hand-over loop while that loop held a batch taken from
+/// the channel lost the batch (32, uncounted) when another shard saw the
+/// stop later and went on reading and handing over; so did a hand-over
+/// that came after the drain's last look at the channel.
+#[test]
+fn a_stop_in_a_flood_loses_no_handed_over_datagram() {
+    let core_list = cores(2)
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    for run in 0..3u64 {
+        let sink = Sink::start();
+        // A 1 ms op timeout makes the drain's wait short, so the shards'
+        // stops overlap the most.
+        let args = ["--steering", "off", "--ingress-dedup-op-timeout", "1ms"];
+        let serve = serve_to(&sink, &core_list, "off", &args);
+        let packets: Vec<Vec<u8>> = (0..60_000u64)
+            .map(|i| datagram(&txid(run << 32 | i), 0, b"f"))
+            .collect();
+        let to = serve.listen;
+        let flood = std::thread::spawn(move || send_paced(to, &packets, 200));
+        std::thread::sleep(Duration::from_millis(100));
+        let began = Instant::now();
+        serve.signal(libc::SIGTERM);
+        let (code, out, _) = serve.exit(began);
+        flood.join().unwrap();
+        assert_eq!(code, Some(0), "{out}");
+        let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+        let field = |f: &str| v[f].as_u64().unwrap_or(0);
+        assert!(field("hops") > 0, "handed over: {out}");
+        assert_eq!(field("forwarded"), field("received"), "run {run}: {out}");
+    }
+}
+
 /// A datagram that reaches a shard socket while the drain waits on claims
 /// stuck on a frozen store is not claimed (the gate is stopping) but is
 /// not lost unseen either: the drain's last read counts it as

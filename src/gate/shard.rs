@@ -137,6 +137,11 @@ const STOP_READ_DATAGRAMS_MAX: u64 = 65_536;
 const STOP_COUNT_MAX: Duration = Duration::from_millis(50);
 const STOP_COUNT_DATAGRAMS_MAX: u64 = 1 << 20;
 
+/// How long past its drain a shard waits for the others to stop handing
+/// datagrams over (each stops when its own read of the backlog ends, at
+/// most [`STOP_READ_MAX`] after it saw the stop).
+const HANDOVER_WAIT: Duration = STOP_READ_MAX;
+
 /// How long [`step_aside`] sleeps: glommio's next turn finds it due.
 const STEP: Duration = Duration::from_micros(1);
 /// Bound on [`StepAside`]'s tries at a timer still pending when first polled.
@@ -236,19 +241,33 @@ pub(super) async fn serve(shard: Rc<Shard>, io: ShardIo, plan: Arc<ShardPlan>) -
         Ok(())
     })
     .await;
-    // Bounded: a shard still reading may keep sending until this handle goes
-    // (after it, its sends fail and it forwards them itself).
-    let bound = leftover.capacity().unwrap_or(g.plan.batch);
-    for p in (0..bound).map_while(|_| leftover.try_recv().ok()) {
-        if out.len() == g.plan.batch {
-            g.flush(&mut out);
+    // What the hop loop left is forwarded. A shard still reading may keep
+    // handing over until it drops its senders, which it does when its own
+    // read of the backlog ends: take what comes until then (the channel
+    // reports disconnected once empty), so nothing sits in it when this
+    // handle goes. Bounded by [`HANDOVER_WAIT`] past the drain (a wedged
+    // shard); past it, sends fail and the sender forwards them itself.
+    let wait_until = deadline.max(Instant::now()) + HANDOVER_WAIT;
+    loop {
+        match leftover.try_recv() {
+            Ok(p) => {
+                if out.len() == g.plan.batch {
+                    g.flush(&mut out);
+                }
+                out.push(&p);
+                g.count(|c| {
+                    c.hops_in += 1;
+                    c.forwarded += 1;
+                    c.drain_forwarded += 1;
+                });
+            }
+            Err(flume::TryRecvError::Disconnected) => break,
+            Err(flume::TryRecvError::Empty) if Instant::now() >= wait_until => break,
+            Err(flume::TryRecvError::Empty) => {
+                g.flush(&mut out);
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+            }
         }
-        out.push(&p);
-        g.count(|c| {
-            c.hops_in += 1;
-            c.forwarded += 1;
-            c.drain_forwarded += 1;
-        });
     }
     g.flush(&mut out);
     drop(leftover);
@@ -277,7 +296,18 @@ async fn hop_loop(g: Rc<GateShard>, rx: flume::Receiver<Box<[u8]>>) {
     let mut pkts: Vec<Box<[u8]>> = Vec::with_capacity(g.plan.batch);
     let mut out = SendBatch::with_capacity(g.plan.batch);
     let mut reactor_at = Instant::now();
-    while let Ok(first) = rx.recv_async().await {
+    loop {
+        // Await only while holding nothing: a drain that gives up on this
+        // loop cancels it at an await, and a batch taken from the channel
+        // but not yet claimed would be lost with it (the channel's rest is
+        // forwarded by the drain).
+        if reactor_at.elapsed() >= REACTOR_EVERY {
+            step_aside().await;
+            reactor_at = Instant::now();
+        }
+        let Ok(first) = rx.recv_async().await else {
+            return;
+        };
         pkts.push(first);
         while pkts.len() < g.plan.batch {
             match rx.try_recv() {
@@ -286,10 +316,6 @@ async fn hop_loop(g: Rc<GateShard>, rx: flume::Receiver<Box<[u8]>>) {
             }
         }
         let t0 = Instant::now();
-        if t0.duration_since(reactor_at) >= REACTOR_EVERY {
-            step_aside().await;
-            reactor_at = Instant::now();
-        }
         let mut answered = 0;
         for p in &pkts {
             g.count(|c| c.hops_in += 1);
