@@ -362,6 +362,12 @@ struct Serve {
 
 impl Serve {
     fn start(args: &[&str]) -> Serve {
+        Serve::start_reading_stderr(args, true)
+    }
+
+    /// [`Serve::start`]; unless `keep`, its stderr is closed once the
+    /// start-up line is read (a terminal hung up, a log reader gone).
+    fn start_reading_stderr(args: &[&str], keep: bool) -> Serve {
         let mut child = txgate()
             .arg("serve")
             .args(args)
@@ -374,7 +380,11 @@ impl Serve {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("serve: {line}");
+                let started = line.contains("listening on");
                 let _ = tx.send(line);
+                if started && !keep {
+                    return;
+                }
             }
         });
         let mut startup = Vec::new();
@@ -833,6 +843,29 @@ fn a_stop_in_a_flood_loses_no_handed_over_datagram() {
         assert!(field("hops") > 0, "handed over: {out}");
         assert_eq!(field("forwarded"), field("received"), "run {run}: {out}");
     }
+}
+
+/// With its stderr gone (a hung-up terminal, a log reader that quit), the
+/// gate still ignores SIGHUP and drains on SIGTERM: its lines about them
+/// panicked on the failed write, and a panic aborts the gate.
+#[test]
+fn signals_are_handled_with_stderr_closed() {
+    let sink = Sink::start();
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--forward",
+        &sink.addr().to_string(),
+        "--admin",
+        "off",
+    ];
+    let serve = Serve::start_reading_stderr(&args, false);
+    std::thread::sleep(Duration::from_millis(200));
+    serve.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, out, _) = serve.terminate();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("\"received\""), "the summary: {out}");
 }
 
 /// A datagram that reaches a shard socket while the drain waits on claims

@@ -8,7 +8,7 @@
 #[global_allocator]
 static ALLOC: txgate::hugepages::HugePageAlloc = txgate::hugepages::HugePageAlloc;
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -514,7 +514,6 @@ fn run_bench(cmd: &mut Command, m: &ArgMatches, store: &cache::flags::CacheFlags
         } else {
             report::render_svg(&outcome.result)
         };
-        use std::io::Write;
         if let Err(e) = file.write_all(text.as_bytes()) {
             return fail(&format!("writing {}: {e}", path.display()));
         }
@@ -733,7 +732,6 @@ fn parse_key_prefix(s: &str) -> Result<String, String> {
 /// `txgate=debug`) chooses otherwise, and a bad one is named and ignored.
 /// Colour only on a terminal, so journald and log files get plain text.
 fn init_logging() {
-    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let (filter, bad) = match std::env::var("RUST_LOG") {
         Ok(spec) if !spec.trim().is_empty() => match EnvFilter::try_new(&spec) {
@@ -799,6 +797,13 @@ fn check_env(names: &[String], this: (&str, &[String]), other: &[String]) -> Res
         }
     }
     Ok(())
+}
+
+/// One line on stderr, ignoring a failure: `eprintln!` panics on a closed
+/// or hung-up terminal (EIO), and a panic aborts `serve`, so a line about
+/// SIGHUP would have killed the gate the signal was meant to spare.
+fn say_err(line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// Blocks SIGTERM, SIGINT and SIGHUP in this thread (and every thread it
@@ -988,7 +993,7 @@ fn run_serve(cmd: &mut Command, m: &ArgMatches, ingress: &cache::flags::CacheFla
         Err(e) => return fail(&format!("serve: {e}")),
     };
     let _ = started.set(gate.clone());
-    eprintln!(
+    say_err(format_args!(
         "txgate serve: listening on {} with {} shard{}, {}, {} store {}, forwarding to {}{}",
         gate.local_addr(),
         gate.shards(),
@@ -1015,23 +1020,23 @@ fn run_serve(cmd: &mut Command, m: &ArgMatches, ingress: &cache::flags::CacheFla
             ", admin on http://{}",
             a.local_addr()
         )),
-    );
+    ));
     // Turns again only on SIGHUP, which is ignored.
     let sig = loop {
         match wait_for_stop_signal(&signals) {
-            libc::SIGHUP => eprintln!(
+            libc::SIGHUP => say_err(format_args!(
                 "txgate serve: SIGHUP ignored: there is nothing to reload (SIGTERM or SIGINT \
                  stops the gate; restart it to change its settings)"
-            ),
+            )),
             sig => break sig,
         }
     };
-    eprintln!("txgate serve: signal {sig}: draining");
+    say_err(format_args!("txgate serve: signal {sig}: draining"));
     // Admin threads answering now may hold the gate: it stops through the
     // shared handle rather than waiting for them.
     drop(admin);
     let summary = gate.stop();
-    println!("{}", summary.json());
+    let _ = writeln!(std::io::stdout(), "{}", summary.json());
     ExitCode::SUCCESS
 }
 
