@@ -293,9 +293,9 @@ fn cli() -> (Command, cache::flags::CacheFlags, cache::flags::CacheFlags) {
              (memory, Redis, Aerospike) for a novel one. If the store fails, it forwards.\n\n\
              Every flag has an UPPERCASE env twin: serve's store flags --ingress-dedup-NAME \
              read INGRESS_DEDUP_NAME, every other flag --NAME reads TXGATE_NAME (bench's \
-             --backend: TXGATE_BACKEND; serve's --listen: TXGATE_LISTEN). A variable with \
-             either prefix that no flag reads is refused (exit 2), as is a store setting \
-             under the other subcommand's name (TXGATE_BACKEND for serve).",
+             --backend: TXGATE_BACKEND; serve's --listen: TXGATE_LISTEN). A store setting \
+             under the other subcommand's name alone (TXGATE_BACKEND for serve) exits 2; a \
+             variable with either prefix that no flag reads gets a warning.",
         )
         .subcommand_required(true)
         .arg_required_else_help(true)
@@ -318,15 +318,21 @@ fn main() -> ExitCode {
     match matches.subcommand() {
         Some(("serve", m)) => {
             let sub = cmd.find_subcommand_mut("serve").expect("registered");
-            if let Err(e) = check_env(&names, ("serve", &serve_env), &bench_env) {
-                sub.error(ErrorKind::UnknownArgument, e).exit();
+            match check_env(&names, ("serve", &serve_env), &bench_env) {
+                Ok(warnings) => warnings
+                    .iter()
+                    .for_each(|w| say_err(format_args!("txgate serve: warning: {w}"))),
+                Err(e) => sub.error(ErrorKind::UnknownArgument, e).exit(),
             }
             run_serve(sub, m, &ingress)
         }
         Some(("bench", m)) => {
             let sub = cmd.find_subcommand_mut("bench").expect("registered");
-            if let Err(e) = check_env(&names, ("bench", &bench_env), &serve_env) {
-                sub.error(ErrorKind::UnknownArgument, e).exit();
+            match check_env(&names, ("bench", &bench_env), &serve_env) {
+                Ok(warnings) => warnings
+                    .iter()
+                    .for_each(|w| say_err(format_args!("txgate bench: warning: {w}"))),
+                Err(e) => sub.error(ErrorKind::UnknownArgument, e).exit(),
             }
             run_bench(sub, m, &store)
         }
@@ -764,39 +770,49 @@ fn env_twins(cmd: &Command) -> Vec<String> {
         .collect()
 }
 
-/// Refuses environment variables with our prefixes that subcommand
-/// `this.0` (whose twins are `this.1`) would silently ignore: a store
-/// setting under the other subcommand's name (`TXGATE_BACKEND` for serve,
-/// whose twin is `INGRESS_DEDUP_BACKEND`: ignored, it left serve on a
-/// per-process memory store), or a name no flag reads (a typo). The other
-/// subcommand's own twins (`TXGATE_DURATION` under serve) pass.
-fn check_env(names: &[String], this: (&str, &[String]), other: &[String]) -> Result<(), String> {
+/// Checks environment variables with our prefixes that subcommand `this.0`
+/// (whose twins are `this.1`) would ignore. A store setting under the other
+/// subcommand's spelling while this one's is not set (`TXGATE_BACKEND` for
+/// serve, which reads `INGRESS_DEDUP_BACKEND`) is refused: serve used to
+/// ignore it and run on a per-process memory store. A name no flag reads
+/// (a typo, or a Kubernetes service link such as `TXGATE_SERVICE_HOST`)
+/// gets a warning. The other subcommand's own variables pass, so one
+/// environment can carry both.
+fn check_env(
+    names: &[String],
+    this: (&str, &[String]),
+    other: &[String],
+) -> Result<Vec<String>, String> {
     let suffix = |name: &str| {
         ENV_PREFIXES
             .iter()
             .find_map(|p| name.strip_prefix(p))
             .map(str::to_owned)
     };
+    let mut warnings = Vec::new();
     for name in names {
         let Some(tail) = suffix(name) else { continue };
         if this.1.contains(name) {
             continue;
         }
         if let Some(twin) = this.1.iter().find(|t| suffix(t).as_deref() == Some(&tail)) {
+            if names.contains(twin) {
+                continue;
+            }
             return Err(format!(
                 "environment variable {name} is not read by {}: its setting is {twin} here",
                 this.0
             ));
         }
         if !other.contains(name) {
-            return Err(format!(
+            warnings.push(format!(
                 "environment variable {name} is not read by any txgate flag (a typo?); \
                  `txgate {} --help` lists each flag's env twin",
                 this.0
             ));
         }
     }
-    Ok(())
+    Ok(warnings)
 }
 
 /// One line on stderr, ignoring a failure: `eprintln!` panics on a closed
@@ -1062,14 +1078,27 @@ mod tests {
             "INGRESS_DEDUP_BACKEND",
             "TXGATE_DURATION",
         ];
-        assert_eq!(check(&ok, "serve", &serve, &bench), Ok(()));
+        assert_eq!(check(&ok, "serve", &serve, &bench), Ok(vec![]));
         let e = check(&["TXGATE_BACKEND"], "serve", &serve, &bench).unwrap_err();
         assert!(e.contains("INGRESS_DEDUP_BACKEND"), "{e}");
         let e = check(&["INGRESS_DEDUP_REDIS_ADDR"], "bench", &bench, &serve).unwrap_err();
         assert!(e.contains("TXGATE_REDIS_ADDR"), "{e}");
-        let e = check(&["TXGATE_LISTN"], "serve", &serve, &bench).unwrap_err();
-        assert!(e.contains("TXGATE_LISTN") && e.contains("typo"), "{e}");
-        assert_eq!(check(&["TXGATE_LISTEN"], "bench", &bench, &serve), Ok(()));
+        // One environment for both: each reads its own spelling.
+        let both = ["TXGATE_BACKEND", "INGRESS_DEDUP_BACKEND"];
+        assert_eq!(check(&both, "serve", &serve, &bench), Ok(vec![]));
+        assert_eq!(check(&both, "bench", &bench, &serve), Ok(vec![]));
+        // Names no flag reads (a typo, a Kubernetes service link) warn.
+        let names = ["TXGATE_LISTN", "TXGATE_SERVICE_HOST"];
+        let w = check(&names, "serve", &serve, &bench).unwrap();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].contains("TXGATE_LISTN") && w[0].contains("typo"),
+            "{w:?}"
+        );
+        assert_eq!(
+            check(&["TXGATE_LISTEN"], "bench", &bench, &serve),
+            Ok(vec![])
+        );
     }
 
     #[test]
