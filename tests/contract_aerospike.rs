@@ -420,7 +420,7 @@ fn open_waits_within_the_dial_timeout_for_a_forming_cluster() {
     let mut c = config(server.seeds());
     c.dial_timeout = Duration::from_millis(300);
     match cache::open(&c) {
-        Err(cache::CacheError::Config(m)) => {
+        Err(cache::CacheError::Connect { detail: m, .. }) => {
             assert!(m.contains("still forming"), "{m}");
         }
         Err(other) => panic!("wrong error: {other}"),

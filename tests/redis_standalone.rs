@@ -81,6 +81,45 @@ fn open_against_an_http_server_says_it_is_not_redis() {
     server.join().unwrap();
 }
 
+/// A server still loading its data answers LOADING: an outage that passes
+/// (so `--fail-open-boot` rides it out), not a refusal of our settings. A
+/// database the server does not have is a refusal: waiting will not fix it.
+#[test]
+fn loading_is_an_outage_and_a_missing_database_a_refusal() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let server = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        if let Ok((mut c, _)) = l.accept() {
+            let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = [0u8; 1024];
+            // Every command gets the same answer until the client leaves.
+            for _ in 0..16 {
+                match c.read(&mut buf) {
+                    Ok(n) if n > 0 => {
+                        let _ = c.write_all(b"-LOADING Redis is loading the dataset in memory\r\n");
+                    }
+                    _ => break,
+                }
+            }
+        }
+    });
+    let e = cache::open(&config(&addr))
+        .err()
+        .expect("a loading server fails open()");
+    assert!(!e.is_refusal(), "{e}");
+    assert!(e.to_string().contains("LOADING"), "{e}");
+    server.join().unwrap();
+
+    require_redis();
+    let redis = RedisServer::start();
+    let mut cfg = config(&redis.addr());
+    cfg.redis_db = 99;
+    let e = cache::open(&cfg).err().expect("no database 99");
+    assert!(e.is_refusal(), "{e}");
+    assert!(e.to_string().contains("SELECT"), "{e}");
+}
+
 #[test]
 fn open_with_a_wrong_password_is_an_auth_error_and_the_right_one_works() {
     require_redis();

@@ -1183,11 +1183,17 @@ pub fn open(config: &Config) -> Result<AerospikeBackend, CacheError> {
                     } else {
                         format!("; unparsable replicas answer from {}", refused.join("; "))
                     };
-                    return Err(CacheError::Config(format!(
-                        "namespace '{namespace}' is not served by any of the {found} node(s) \
-                         found: the cluster was still forming after the dial timeout ({} ms){refused}",
-                        config.dial_timeout.as_millis()
-                    )));
+                    // A cluster still forming is an outage, not our
+                    // settings: waiting (a fail-open boot's retries) fixes it.
+                    return Err(CacheError::Connect {
+                        addr: config.aero_hosts.join(","),
+                        detail: format!(
+                            "namespace '{namespace}' is not served by any of the {found} \
+                             node(s) found: the cluster was still forming after the dial \
+                             timeout ({} ms){refused}",
+                            config.dial_timeout.as_millis()
+                        ),
+                    });
                 }
                 std::thread::sleep(FORMING_RETRY);
             }
@@ -1439,11 +1445,14 @@ fn discover(config: &Config, namespace: &str, deadline: Instant) -> Result<Disco
             return Ok(Discovery::Forming(nodes.len(), refused));
         }
         if !refused.is_empty() {
-            return Err(CacheError::Config(format!(
-                "no usable partition map for namespace '{namespace}': unparsable replicas \
-                 answer from {}",
-                refused.join("; ")
-            )));
+            return Err(CacheError::Connect {
+                addr: config.aero_hosts.join(","),
+                detail: format!(
+                    "no usable partition map for namespace '{namespace}': unparsable replicas \
+                     answer from {}",
+                    refused.join("; ")
+                ),
+            });
         }
         return Err(CacheError::Config(format!(
             "namespace '{namespace}' is not served by any of the {} node(s) found",

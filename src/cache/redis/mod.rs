@@ -1265,9 +1265,16 @@ fn verify(s: &Settings) -> Result<(ServerInfo, Option<SlotMap>), CacheError> {
                 });
             }
             Reply::Error(e) => {
-                return Err(CacheError::Connect {
-                    addr: addr.clone(),
-                    detail: format!("{} refused: {e}", String::from_utf8_lossy(&cmd[0])),
+                let detail = format!("{} refused: {e}", String::from_utf8_lossy(&cmd[0]));
+                return Err(if is_transient(&e) {
+                    CacheError::Connect {
+                        addr: addr.clone(),
+                        detail,
+                    }
+                } else {
+                    // SELECT out of range, CLIENT SETNAME denied by an ACL:
+                    // our settings, which waiting does not fix.
+                    CacheError::Config(format!("{addr}: {detail}"))
                 });
             }
             _ => {}
@@ -1279,6 +1286,12 @@ fn verify(s: &Settings) -> Result<(ServerInfo, Option<SlotMap>), CacheError> {
             return Err(CacheError::Auth {
                 addr: addr.clone(),
                 detail: e,
+            });
+        }
+        Reply::Error(e) if is_transient(&e) => {
+            return Err(CacheError::Connect {
+                addr: addr.clone(),
+                detail: format!("not ready: {e} to PING"),
             });
         }
         other => {
@@ -1363,6 +1376,15 @@ fn verify(s: &Settings) -> Result<(ServerInfo, Option<SlotMap>), CacheError> {
         });
     }
     Ok((info, Some(map)))
+}
+
+/// An error reply a server gives while it cannot serve yet (loading its
+/// data, its master down, a script running, a slot moving): an outage that
+/// passes, not a refusal of our settings.
+fn is_transient(e: &str) -> bool {
+    ["LOADING", "MASTERDOWN", "BUSY", "TRYAGAIN", "CLUSTERDOWN"]
+        .iter()
+        .any(|p| e.starts_with(p))
 }
 
 #[cfg(test)]
