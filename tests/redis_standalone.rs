@@ -104,9 +104,7 @@ fn loading_is_an_outage_and_a_missing_database_a_refusal() {
             }
         }
     });
-    let e = cache::open(&config(&addr))
-        .err()
-        .expect("a loading server fails open()");
+    let e = cache::open(&config(&addr)).expect_err("a loading server fails open()");
     assert!(!e.is_refusal(), "{e}");
     assert!(e.to_string().contains("LOADING"), "{e}");
     server.join().unwrap();
@@ -115,7 +113,7 @@ fn loading_is_an_outage_and_a_missing_database_a_refusal() {
     let redis = RedisServer::start();
     let mut cfg = config(&redis.addr());
     cfg.redis_db = 99;
-    let e = cache::open(&cfg).err().expect("no database 99");
+    let e = cache::open(&cfg).expect_err("no database 99");
     assert!(e.is_refusal(), "{e}");
     assert!(e.to_string().contains("SELECT"), "{e}");
 }
