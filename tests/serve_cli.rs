@@ -802,10 +802,12 @@ fn sigterm_forwards_what_the_shard_sockets_still_hold() {
             "every datagram sent is accounted for: {out}"
         );
         assert!(v.get("dropped_at_stop").is_some(), "{out}");
-        // Far more than the batch or two a shard reads before it sees the
-        // stop: the kernel holds all 2 000 here (a host with a small
-        // net.core.rmem_max drops some, counted above).
-        assert!(received >= 500, "{out}");
+        // Far more than the batch or two (32 each) a shard reads before it
+        // sees the stop. The kernel held all 2 000 here; a stock
+        // net.core.rmem_max (208 KiB) holds about 500 in the one socket a
+        // single sender reaches without steering, and drops the rest
+        // (counted above).
+        assert!(received >= 200, "{out}");
         assert_eq!(field("forwarded"), received, "all novel: {out}");
         let got = sink.wait_for(
             received as usize,

@@ -294,10 +294,7 @@ async fn run_shard(
         }
         Stop::Duration(_) => u64::MAX,
     };
-    let deadline = match cfg.stop {
-        Stop::Duration(d) => Some(Instant::now() + d),
-        Stop::Claims(_) => None,
-    };
+
     let txid_len = s.txids().txid_len();
     let state = Rc::new(ShardRun {
         stream: RefCell::new(Stream::new(s.index(), s.shards(), txid_len, &cfg)),
@@ -308,6 +305,11 @@ async fn run_shard(
         anomalies: Cell::new(0),
     });
     let started = Instant::now();
+    // From the same instant as the pacing: claims due before it are owed.
+    let deadline = match cfg.stop {
+        Stop::Duration(d) => Some(started + d),
+        Stop::Claims(_) => None,
+    };
     let interval = cfg
         .rate
         .filter(|r| *r > 0.0)

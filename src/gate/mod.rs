@@ -744,9 +744,16 @@ fn upgrade_when_reachable(
             Ok(None) => return,
             Err(e) => {
                 let text = e.to_string();
-                let repeat = warned
-                    .as_ref()
-                    .is_some_and(|(w, at)| *w == text && at.elapsed() < STORE_WARN_EVERY);
+                // A changed error is news, but errors that alternate (a
+                // refusal, then a timeout) must not warn every retry.
+                let repeat = warned.as_ref().is_some_and(|(w, at)| {
+                    let within = if *w == text {
+                        STORE_WARN_EVERY
+                    } else {
+                        STORE_WARN_CHANGED_EVERY
+                    };
+                    at.elapsed() < within
+                });
                 if !repeat {
                     tracing::warn!(
                         "{}; still serving on tier-1 only",
@@ -790,8 +797,10 @@ fn upgrade_when_reachable(
     }
 }
 
-/// How often a fail-open boot repeats the same store error as a warning.
+/// How often a fail-open boot repeats the same store error as a warning,
+/// and how soon it warns of a different one.
 const STORE_WARN_EVERY: Duration = Duration::from_secs(60);
+const STORE_WARN_CHANGED_EVERY: Duration = Duration::from_secs(10);
 
 /// Says once, at start, that the kernel cut the shard sockets' receive
 /// buffer: a burst beyond it is dropped by the kernel, so the operator must
