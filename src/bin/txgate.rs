@@ -984,7 +984,11 @@ fn run_serve(cmd: &mut Command, m: &ArgMatches, ingress: &cache::flags::CacheFla
         Some(listener) => {
             let up = started.clone();
             let handler = Arc::new(move |path: &str| match (path, up.get()) {
-                ("/livez", _) => Response::text(200, "ok\n"),
+                ("/livez", None) => Response::text(200, "ok\n"),
+                ("/livez", Some(g)) => {
+                    let (live, why) = g.liveness();
+                    Response::text(if live { 200 } else { 503 }, why + "\n")
+                }
                 ("/metrics" | "/readyz", None) => Response::text(503, "starting\n"),
                 ("/metrics", Some(g)) => Response {
                     status: 200,

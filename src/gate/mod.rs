@@ -209,6 +209,9 @@ pub struct ShardSnapshot {
     /// them are up now (the rest redial; claims routed there fail open).
     pub store_connections: u64,
     pub store_connections_up: u64,
+    /// When the shard last published, on the precise monotonic clock (ms):
+    /// its heartbeat. A shard whose runtime stopped turning stops publishing.
+    pub published_ms: u64,
 }
 
 /// Totals over shards, and how the drain went.
@@ -420,6 +423,8 @@ impl Gate {
             // Shown from the first scrape, before the shard's first publish.
             let snapshot = Arc::new(Mutex::new(ShardSnapshot {
                 receive_buffer_bytes,
+                // Counts as a beat until the shard's first publish.
+                published_ms: crate::clock::precise_ms(),
                 ..ShardSnapshot::default()
             }));
             stats.push(snapshot.clone());
@@ -533,6 +538,14 @@ impl Gate {
             .iter()
             .map(|s| *s.lock().expect("not poisoned"))
             .collect()
+    }
+
+    /// `/livez`: live while every shard's runtime turns, shown by its
+    /// metrics publish (every 100 ms). A shard stuck in a loop or a lock
+    /// stops beating while its socket keeps taking its share of the
+    /// traffic, queued where nobody reads it: only a restart helps.
+    pub fn liveness(&self) -> (bool, String) {
+        liveness_of(&self.snapshots(), crate::clock::precise_ms())
     }
 
     /// `/readyz`: ready when the store answers its health probe (or there is
@@ -864,6 +877,34 @@ fn forward_sockets(
     Ok(out)
 }
 
+/// How long a shard may go without publishing before `/livez` fails: 50
+/// publish periods, far past any pause a turning runtime makes.
+pub const SHARD_SILENT_MAX_MS: u64 = 5_000;
+
+/// [`Gate::liveness`] for `shards` at `now_ms`.
+pub fn liveness_of(shards: &[ShardSnapshot], now_ms: u64) -> (bool, String) {
+    let silent: Vec<String> = shards
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| now_ms.saturating_sub(s.published_ms) > SHARD_SILENT_MAX_MS)
+        .map(|(i, s)| format!("{i} ({} ms)", now_ms.saturating_sub(s.published_ms)))
+        .collect();
+    if silent.is_empty() {
+        (true, "ok".into())
+    } else {
+        (
+            false,
+            format!(
+                "shard{} {} of {} silent past {SHARD_SILENT_MAX_MS} ms: its runtime no \
+                 longer turns",
+                if silent.len() == 1 { "" } else { "s" },
+                silent.join(", "),
+                shards.len()
+            ),
+        )
+    }
+}
+
 /// Renders per-shard snapshots as Prometheus text.
 pub fn render_metrics(
     shards: &[ShardSnapshot],
@@ -1157,6 +1198,21 @@ fn block_on_within<F: std::future::Future>(fut: F, limit: Duration) -> Option<F:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shard_silent_past_the_bound_fails_liveness_naming_it() {
+        let beat = |ms| ShardSnapshot {
+            published_ms: ms,
+            ..ShardSnapshot::default()
+        };
+        let now = 100_000;
+        let fresh = [beat(now - 100), beat(now - SHARD_SILENT_MAX_MS)];
+        assert_eq!(liveness_of(&fresh, now), (true, "ok".into()));
+        let one_stuck = [beat(now - 100), beat(now - SHARD_SILENT_MAX_MS - 1)];
+        let (live, why) = liveness_of(&one_stuck, now);
+        assert!(!live);
+        assert!(why.starts_with("shard 1 (5001 ms) of 2"), "{why}");
+    }
 
     #[test]
     fn an_ipv4_mapped_target_gets_the_ipv4_multicast_options() {

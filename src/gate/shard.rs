@@ -683,6 +683,7 @@ impl GateShard {
         let txids = self.shard.txids();
         let up_of = self.shard.backend().map_or((0, 0), |b| b.connections_up());
         let snap = ShardSnapshot {
+            published_ms: crate::clock::precise_ms(),
             received: c.received,
             forwarded: c.forwarded,
             forward_errors: c.forward_errors,
