@@ -138,18 +138,11 @@ fn kernel_steering_puts_every_datagram_on_its_owner_shard() {
     let gate = Gate::start(c).unwrap();
     assert!(gate.steering_active());
     let n = 3_000u64;
-    let packets: Vec<Vec<u8>> = (0..n).map(|i| datagram(&txid(i), 0, b"x")).collect();
     let mut want: HashMap<u32, u64> = HashMap::new();
     for i in 0..n {
         *want.entry(route(&txid(i), 2)).or_default() += 1;
     }
-    send_paced(gate.local_addr(), &packets, 200);
-    sink.wait_for(
-        n as usize,
-        Duration::from_secs(20),
-        Duration::from_millis(100),
-    );
-    totals_after(&gate, n);
+    send_novel_and_settle(&gate, &sink, n, 200);
     let snaps = gate.snapshots();
     for (shard, s) in snaps.iter().enumerate() {
         assert_eq!(s.hops_out, 0, "shard {shard} handed packets over");
@@ -277,15 +270,8 @@ fn evictions_from_a_full_tier1_and_memory_store_reach_the_metrics() {
     c.store.memory_max_keys = 300;
     let gate = Gate::start(c).unwrap();
     let n = 1_000u64;
-    let packets: Vec<Vec<u8>> = (0..n).map(|i| datagram(&txid(i), 0, b"e")).collect();
-    send_paced(gate.local_addr(), &packets, 100);
-    sink.wait_for(
-        n as usize,
-        Duration::from_secs(20),
-        Duration::from_millis(100),
-    );
     // Published with the claims that made them.
-    totals_after(&gate, n);
+    send_novel_and_settle(&gate, &sink, n, 100);
     let text = gate.render_metrics();
     // Each shard got well over its 100 tier-1 entries and 150 store keys.
     assert_eq!(
@@ -310,6 +296,19 @@ fn evictions_from_a_full_tier1_and_memory_store_reach_the_metrics() {
 }
 
 /// The sum over shards of a counter in Prometheus text.
+/// Sends TxIDs 0..n once each (`burst` a millisecond), waits for the sink
+/// to get them all and the gate to publish them.
+fn send_novel_and_settle(gate: &Gate, sink: &Sink, n: u64, burst: usize) {
+    let packets: Vec<Vec<u8>> = (0..n).map(|i| datagram(&txid(i), 0, b"n")).collect();
+    send_paced(gate.local_addr(), &packets, burst);
+    sink.wait_for(
+        n as usize,
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+    );
+    totals_after(gate, n);
+}
+
 fn metric_sum(text: &str, name: &str) -> u64 {
     let prefix = format!("{name}{{");
     text.lines()
