@@ -495,6 +495,17 @@ fn metric_sum(text: &str, name: &str) -> u64 {
         .sum()
 }
 
+/// `n` of this process's cores as a `--cores` list.
+fn core_list(n: usize) -> String {
+    cores(n)
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `field` of the JSON summary, the last line of `json`; panics naming it
+/// when absent (so a test reading it also checks it is there).
 fn summary_field(json: &str, field: &str) -> u64 {
     let line = json
         .lines()
@@ -551,11 +562,7 @@ fn serve_with_admin(sink: &Sink, core_list: &str, extra: &[&str]) -> Serve {
 #[test]
 fn admin_endpoints_answer_and_sigterm_exits_0_with_a_summary() {
     let sink = Sink::start();
-    let core_list = cores(2)
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
+    let core_list = core_list(2);
     let serve = serve_with_admin(&sink, &core_list, &[]);
     let admin = serve.admin.expect("admin address in the start-up line");
     assert_eq!(http_get(admin, "/livez"), (200, "ok\n".into()));
@@ -732,11 +739,7 @@ fn a_receive_buffer_capped_by_rmem_max_is_warned_about_at_start() {
         "--admin",
         "127.0.0.1:0",
         "--cores",
-        &cores(2)
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(","),
+        &core_list(2),
         "--recv-buffer-bytes",
         &asked.to_string(),
     ]);
@@ -773,11 +776,7 @@ fn a_receive_buffer_capped_by_rmem_max_is_warned_about_at_start() {
 /// With kernel steering and with hand-overs (which then run in the drain).
 #[test]
 fn sigterm_forwards_what_the_shard_sockets_still_hold() {
-    let core_list = cores(2)
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
+    let core_list = core_list(2);
     for steering in ["auto", "off"] {
         let sink = Sink::start();
         let serve = serve_to(&sink, &core_list, "off", &["--steering", steering]);
@@ -793,15 +792,13 @@ fn sigterm_forwards_what_the_shard_sockets_still_hold() {
         let (code, out, took) = serve.exit(began);
         eprintln!("--steering {steering}: stop took {took:?}: {out}");
         assert_eq!(code, Some(0), "{out}");
-        let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
-        let field = |f: &str| v[f].as_u64().unwrap_or(0);
+        let field = |f: &str| summary_field(&out, f);
         let received = field("received");
         assert_eq!(
             received + field("receive_dropped") + field("dropped_at_stop"),
             n,
             "every datagram sent is accounted for: {out}"
         );
-        assert!(v.get("dropped_at_stop").is_some(), "{out}");
         // Far more than the batch or two (32 each) a shard reads before it
         // sees the stop. The kernel held all 2 000 here; a stock
         // net.core.rmem_max (208 KiB) holds about 500 in the one socket a
@@ -826,11 +823,7 @@ fn sigterm_forwards_what_the_shard_sockets_still_hold() {
 /// that came after the drain's last look at the channel.
 #[test]
 fn a_stop_in_a_flood_loses_no_handed_over_datagram() {
-    let core_list = cores(2)
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
+    let core_list = core_list(2);
     for run in 0..3u64 {
         let sink = Sink::start();
         // A 1 ms op timeout makes the drain's wait short, so the shards'
@@ -848,8 +841,7 @@ fn a_stop_in_a_flood_loses_no_handed_over_datagram() {
         let (code, out, _) = serve.exit(began);
         flood.join().unwrap();
         assert_eq!(code, Some(0), "{out}");
-        let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
-        let field = |f: &str| v[f].as_u64().unwrap_or(0);
+        let field = |f: &str| summary_field(&out, f);
         assert!(field("hops") > 0, "handed over: {out}");
         assert_eq!(field("forwarded"), field("received"), "run {run}: {out}");
     }
